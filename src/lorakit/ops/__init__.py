@@ -24,6 +24,7 @@ class SharedDropout(nn.Module):
         self.p = float(p)
         self._last_in: torch.Tensor | None = None
         self._last_out: torch.Tensor | None = None
+        self._last_version = -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
