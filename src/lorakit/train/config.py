@@ -1,0 +1,413 @@
+"""Recipe configuration: frozen dataclasses, one section per concern, every default defined once, here.
+
+A recipe is a YAML file whose top-level keys are the sections below (``model``, ``data``, ``lora``,
+``train``, ``eval``, ``output``). Every field carries its help text in ``metadata["help"]``; the CLI and
+the error messages read it from there. ``--set section.key=value`` overrides are parsed against the
+field's declared type, so ``--set lora.r=16`` becomes an int and ``--set lora.r=big`` is an error that
+names the key and the type it expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from lorakit.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached (``metadata["help"]``)."""
+    if isinstance(default, (dict, list)):
+        factory = (lambda d=default: type(d)(d))
+        return field(default_factory=factory, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Which base model to fine-tune and how to load it."""
+
+    name: str = _f("embedded", "Model name or path: a local folder, a hub id, or `embedded` (the bundled "
+                   "SmolLM2-135M-Instruct).")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "Weights dtype. float32 is the safe choice on CPU; bfloat16 halves memory on GPUs.")
+    trust_remote_code: bool = _f(False, "Allow the model's own Python code from the hub (only for models you trust).")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Where the examples come from and how they become token sequences."""
+
+    train: str = _f("", "Training data: a .jsonl/.json/.csv file, a datasets folder, a hub dataset id, or "
+                    "`builtin:NAME.jsonl` for the data shipped with lorakit.")
+    train_split: str = _f("train", "Split to read from `train` when it is a hub dataset / datasets folder.")
+    eval: Optional[str] = _f(None, "Held-out data (same forms as `train`). None: hold out `eval_fraction` of train.")
+    eval_split: str = _f("test", "Split to read from `eval` when it is a hub dataset / datasets folder.")
+    eval_fraction: float = _f(0.0, "Fraction of the training records held out for evaluation when `eval` is None "
+                              "(0 = no held-out evaluation).")
+    template: str = _f("human_assistant", "Prompt template: human_assistant, classification, chat or alpaca.")
+    template_args: dict = _f({}, "Extra keyword arguments for the template, e.g. {text_column: 'Tweet text'}.")
+    columns: Optional[dict] = _f(None, "Rename columns on load, {name_in_file: name_the_template_expects}.")
+    label_column: Optional[str] = _f(None, "Column holding the class label (classification data).")
+    label_names: tuple = _f((), "Class names in order; integer labels are mapped through this list. Setting it "
+                            "makes the recipe a classification recipe (accuracy is reported).")
+    max_length: int = _f(256, "Maximum tokens per example (prompt + answer); longer ones are truncated.")
+    max_train_samples: Optional[int] = _f(None, "Use at most this many training records (None = all).")
+    max_eval_samples: Optional[int] = _f(None, "Use at most this many evaluation records (None = all).")
+    sort_by_length: bool = _f(True, "Group examples of similar length into a batch (less padding, faster); "
+                              "the batch order is still shuffled.")
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """The adapter; mapped one to one onto `lorakit.LoraConfig`."""
+
+    r: int = _f(8, "LoRA rank.")
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = _f(0.05, "Dropout on the LoRA branch input.")
+    target_modules: Optional[tuple] = _f(None, "Module names (or 'all-linear') to adapt; None = the model "
+                                         "family's default.")
+    bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases to train.")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Optimisation: AdamW over the trainable (LoRA) parameters with a warm-up schedule."""
+
+    epochs: float = _f(3.0, "Passes over the training data (ignored when max_steps is set).")
+    max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps (None = derive from epochs).")
+    batch_size: int = _f(8, "Examples per micro-batch.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step (effective batch = batch_size * grad_accum).")
+    lr: float = _f(2e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    betas: tuple = _f((0.9, 0.999), "AdamW betas.")
+    scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "Learning-rate decay after warm-up.")
+    warmup_steps: int = _f(0, "Linear warm-up steps (takes precedence over warmup_ratio when > 0).")
+    warmup_ratio: float = _f(0.0, "Warm-up as a fraction of the total steps.")
+    max_grad_norm: Optional[float] = _f(1.0, "Clip the gradient norm to this value (None = no clipping).")
+    seed: int = _f(42, "Seed for the LoRA init, dropout and the data order.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "Autocast precision (accelerate). Keep `no` on CPU.")
+    cpu: bool = _f(False, "Train on the CPU even when a GPU is available.")
+    fast_loss: bool = _f(True, "Apply the LM head only at answer positions (same loss, less compute); falls "
+                         "back to the model's own loss when the architecture does not allow it.")
+    log_every: int = _f(1, "Write a metrics line every N optimizer steps.")
+    progress: bool = _f(True, "Show a progress bar.")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Evaluation during and after training."""
+
+    every_steps: Optional[int] = _f(None, "Evaluate every N optimizer steps (None = only at the end).")
+    batch_size: int = _f(16, "Batch size for evaluation.")
+    accuracy: Optional[bool] = _f(None, "Report generation accuracy on the eval records (None = when label_names "
+                                  "is set). Slower than the loss: it generates an answer per record.")
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    """What is written, and where."""
+
+    dir: str = _f("outputs/run", "Output folder: adapter/, checkpoints/, metrics.jsonl, tb/, loss.png.")
+    save_every: Optional[int] = _f(None, "Write a resumable checkpoint every N optimizer steps (None = only at "
+                                   "the end).")
+    keep_last: int = _f(2, "Keep only this many most recent checkpoints (0 = keep all).")
+    merge: bool = _f(False, "Also write the merged model (base + adapter) to <dir>/merged.")
+    plot: bool = _f(True, "Write the loss curve to <dir>/loss.png.")
+    tensorboard: bool = _f(True, "Write TensorBoard events to <dir>/tb.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole recipe."""
+
+    description: str = _f("", "What this recipe does (free text).")
+    model: ModelSection = _f(ModelSection(), "Base model.")
+    data: DataSection = _f(DataSection(), "Data and prompt template.")
+    lora: LoraSection = _f(LoraSection(), "Adapter.")
+    train: TrainSection = _f(TrainSection(), "Optimisation.")
+    eval: EvalSection = _f(EvalSection(), "Evaluation.")
+    output: OutputSection = _f(OutputSection(), "Outputs.")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lora.r >= 1, "lora.r", "must be >= 1"),
+            (self.lora.alpha > 0, "lora.alpha", "must be > 0"),
+            (0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
+            (self.train.epochs > 0, "train.epochs", "must be > 0"),
+            (self.train.max_steps is None or self.train.max_steps >= 1, "train.max_steps", "must be >= 1 or null"),
+            (self.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
+            (self.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+            (self.train.lr > 0, "train.lr", "must be > 0"),
+            (self.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+            (0.0 <= self.train.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
+            (len(self.train.betas) == 2, "train.betas", "must be two numbers, e.g. [0.9, 0.999]"),
+            (self.train.max_grad_norm is None or self.train.max_grad_norm > 0, "train.max_grad_norm",
+             "must be > 0 or null"),
+            (self.train.log_every >= 1, "train.log_every", "must be >= 1"),
+            (self.data.max_length >= 4, "data.max_length", "must be >= 4"),
+            (0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)"),
+            (self.eval.every_steps is None or self.eval.every_steps >= 1, "eval.every_steps", "must be >= 1 or null"),
+            (self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
+            (self.output.save_every is None or self.output.save_every >= 1, "output.save_every",
+             "must be >= 1 or null"),
+            (self.output.keep_last >= 0, "output.keep_last", "must be >= 0"),
+        ]
+        for ok, key, what in checks:
+            if not ok:
+                value = get_value(self, key)
+                raise ConfigError(f"{key} = {value!r} {what}; fix it in the recipe or with --set {key}=...")
+
+    @property
+    def is_classification(self) -> bool:
+        return bool(self.data.label_names)
+
+    @property
+    def wants_accuracy(self) -> bool:
+        return self.is_classification if self.eval.accuracy is None else self.eval.accuracy
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+
+SECTIONS = ("model", "data", "lora", "train", "eval", "output")
+# A scalar given for a whole section means this field (``model: embedded`` == ``model.name: embedded``).
+_SECTION_SHORTHAND = {"model": "name"}
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclass -> plain dict/list/scalars (YAML/JSON friendly)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def get_value(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """All dotted keys a recipe / --set accepts."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys.extend(valid_keys(tp, prefix + f.name + "."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def field_help(dotted: str) -> tuple[Any, str]:
+    """(type, help) for a dotted key."""
+    cls: Any = TrainConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise ConfigError(_unknown_key_message(dotted))
+        tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            return tp, fields[part].metadata.get("help", "")
+        cls = tp
+    raise AssertionError
+
+
+def _unknown_key_message(key: str) -> str:
+    keys = valid_keys()
+    import difflib
+
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return (f"unknown recipe key {key!r}.{hint} Valid keys: {', '.join(keys)}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if tp is tuple or origin is tuple:
+        return "a list"
+    if tp is dict or origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML value to the field type; errors name the key and the expected type."""
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{key} expects {_type_name(tp)}, got {value!r} ({type(value).__name__}); "
+                           f"fix the recipe or pass --set {key}=<{_type_name(tp)}>")
+
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return coerce(value, inner, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad()
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if tp is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        raise bad()
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad()
+    raise bad()
+
+
+def build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build a (nested) config dataclass from a plain mapping, validating keys and types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise ConfigError(_unknown_key_message(key))
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if k in _SECTION_SHORTHAND and not isinstance(v, dict):
+                v = {_SECTION_SHORTHAND[k]: v}
+            kwargs[k] = build(tp, v, key + ".")
+        else:
+            kwargs[k] = coerce(v, tp, key)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def parse_value(raw: str, tp: Any, key: str) -> Any:
+    """Parse a --set string against the field type."""
+    import yaml
+
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        if raw.strip().lower() in ("none", "null", "~", ""):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return parse_value(raw, inner, key)
+    text = raw.strip()
+    if tp is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{key} expects true/false, got {raw!r}; e.g. --set {key}=true")
+    if tp is int:
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key} expects an int, got {raw!r}; e.g. --set {key}=8") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key} expects a number, got {raw!r}; e.g. --set {key}=0.1") from None
+    if tp is str or origin is Literal:
+        return coerce(text, tp, key)
+    if tp is tuple or origin is tuple:
+        if text.startswith("["):
+            return coerce(yaml.safe_load(text), tp, key)
+        return coerce(text, tp, key)
+    if tp is dict or origin is dict:
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError:
+            loaded = None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{key} expects a mapping, got {raw!r}; e.g. --set '{key}={{a: 1}}'")
+        return loaded
+    raise ConfigError(f"{key} cannot be set from the command line")
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    """Apply ``key=value`` strings to a raw recipe mapping (returns a new mapping)."""
+    import copy
+
+    out = copy.deepcopy(data) if data else {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}; e.g. --set lora.r=16")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key in _SECTION_SHORTHAND:
+            key = f"{key}.{_SECTION_SHORTHAND[key]}"
+        tp, _ = field_help(key)
+        if dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{key} is a section; set one of its keys, e.g. "
+                              f"--set {key}.{dataclasses.fields(tp)[0].name}=...")
+        value = parse_value(raw, tp, key)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            sub = node.get(part)
+            if part in _SECTION_SHORTHAND and sub is not None and not isinstance(sub, dict):
+                sub = {_SECTION_SHORTHAND[part]: sub}
+            if sub is None:
+                sub = {}
+            node[part] = sub
+            node = sub
+        node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict, overrides: typing.Iterable[str] = ()) -> TrainConfig:
+    return build(TrainConfig, apply_overrides(data or {}, overrides))

@@ -1,0 +1,42 @@
+"""Load a recipe (file or shipped name) into a TrainConfig, applying --set overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from lorakit.errors import ConfigError
+from lorakit.train.config import TrainConfig, config_from_dict
+
+
+def read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections (model, data, lora, ...), "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path_or_name: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Read a recipe file or shipped recipe name; ``overrides`` are ``"section.key=value"`` strings."""
+    from lorakit.recipes import resolve_recipe
+
+    path = resolve_recipe(path_or_name)
+    data = read_yaml(path)
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dump_recipe(cfg: TrainConfig, path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -1,0 +1,84 @@
+import pytest
+
+from lorakit.errors import ConfigError
+from lorakit.train.config import TrainConfig, config_from_dict, field_help, valid_keys
+from lorakit.train.recipe import dump_recipe, load_recipe
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = config_from_dict({}, ["lora.r=16", "train.lr=3e-4", "train.progress=false", "model=embedded",
+                                "lora.target_modules=q_proj,v_proj", "eval.every_steps=null",
+                                "data.template_args={text_column: Tweet text}", "train.max_steps=7"])
+    assert cfg.lora.r == 16 and isinstance(cfg.lora.r, int)
+    assert cfg.train.lr == 3e-4
+    assert cfg.train.progress is False
+    assert cfg.model.name == "embedded"
+    assert cfg.lora.target_modules == ("q_proj", "v_proj")
+    assert cfg.eval.every_steps is None
+    assert cfg.data.template_args == {"text_column": "Tweet text"}
+    assert cfg.train.max_steps == 7
+
+
+def test_yaml_values_are_checked_and_shorthand_works():
+    cfg = config_from_dict({"model": "some/model", "train": {"lr": "2e-4", "epochs": 1},
+                            "lora": {"target_modules": ["query_key_value"]}})
+    assert cfg.model.name == "some/model"
+    assert cfg.train.lr == 2e-4 and cfg.train.epochs == 1.0
+    assert cfg.lora.target_modules == ("query_key_value",)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({}, ["lora.rank=4"])
+    msg = str(e.value)
+    assert "lora.rank" in msg and "lora.r" in msg and "train.lr" in msg
+    with pytest.raises(ConfigError, match="unknown recipe key 'optimizer'"):
+        config_from_dict({"optimizer": {"lr": 1}})
+
+
+@pytest.mark.parametrize("item, key, expected", [
+    ("lora.r=big", "lora.r", "int"),
+    ("train.lr=fast", "train.lr", "number"),
+    ("train.cpu=maybe", "train.cpu", "true/false"),
+    ("train.scheduler=step", "train.scheduler", "one of"),
+    ("data.template_args=3", "data.template_args", "mapping"),
+])
+def test_bad_values_name_key_and_type(item, key, expected):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({}, [item])
+    assert key in str(e.value) and expected in str(e.value)
+
+
+def test_yaml_type_errors_name_key():
+    with pytest.raises(ConfigError, match="train.batch_size expects int"):
+        config_from_dict({"train": {"batch_size": "eight"}})
+    with pytest.raises(ConfigError, match="train.cpu expects bool"):
+        config_from_dict({"train": {"cpu": "yes please"}})
+
+
+def test_validation_names_the_fix():
+    with pytest.raises(ConfigError, match=r"lora.r = 0 must be >= 1.*--set lora.r="):
+        config_from_dict({}, ["lora.r=0"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        config_from_dict({}, ["lora.r"])
+    with pytest.raises(ConfigError, match="is a section"):
+        config_from_dict({}, ["train=3"])
+
+
+def test_every_field_documented():
+    for key in valid_keys():
+        _, help = field_help(key)
+        assert help, key
+
+
+def test_round_trip(tmp_path):
+    cfg = config_from_dict({}, ["lora.r=4", "data.label_names=a,b"])
+    dump_recipe(cfg, tmp_path / "r.yaml")
+    again = load_recipe(tmp_path / "r.yaml")
+    assert again == cfg
+    assert again.is_classification and isinstance(again, TrainConfig)
+
+
+def test_unknown_recipe_name_lists_shipped():
+    with pytest.raises(ConfigError, match="job_b_raft"):
+        load_recipe("no_such_recipe")
