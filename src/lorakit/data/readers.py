@@ -1,0 +1,291 @@
+"""Read training/eval records from a file or a `datasets` name into a list of plain dicts.
+
+Supported sources:
+  * ``.json``                  a list of objects (Alpaca style); a file holding one object per line
+                               is read as JSON Lines
+  * ``.jsonl`` / ``.ndjson``   one JSON object per line (blank lines skipped)
+  * ``.csv`` / ``.tsv``        a header row, then one row per record (e.g. RAFT: ``Tweet text``, ``Label``, ``ID``)
+  * ``.parquet`` / ``.arrow``  read through ``datasets``
+  * a folder saved by ``Dataset.save_to_disk`` (``split`` picks the split of a DatasetDict)
+  * a hub name (``"tatsu-lab/alpaca"``, ``"ought/raft"`` with ``subset="twitter_complaints"``
+    or ``"ought/raft:twitter_complaints"``): ``datasets.load_dataset(name, subset, split=split)``;
+    works from the local cache when offline.
+
+Every record keeps where it came from (``Records.locations[i]``, e.g. ``"train.csv row 5 (line 6)"``)
+so later errors (a missing field while rendering a prompt) can name the row.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from lorakit.data.labels import LabelMapper, read_task_label_names
+from lorakit.errors import DataError
+
+__all__ = ["Records", "load_records", "SUPPORTED_SUFFIXES"]
+
+log = logging.getLogger(__name__)
+
+_JSON = (".json",)
+_JSONL = (".jsonl", ".ndjson")
+_CSV = (".csv", ".tsv")
+_ARROW = (".parquet", ".arrow")
+SUPPORTED_SUFFIXES = _JSON + _JSONL + _CSV + _ARROW
+
+
+class Records(list):
+    """A ``list[dict]`` that also says where each record came from and what was dropped.
+
+    ``locations[i]`` names record ``i`` in its source (for error messages);
+    ``n_unlabeled`` counts rows dropped because their label was the "unlabeled" code 0 (or empty).
+    """
+
+    def __init__(self, items: Iterable[dict] = (), *, source: str = "", locations: Sequence[str] = (),
+                 n_unlabeled: int = 0):
+        super().__init__(items)
+        self.source = source
+        self.locations = list(locations)
+        self.n_unlabeled = n_unlabeled
+
+    def location(self, i: int) -> str:
+        return self.locations[i] if i < len(self.locations) else f"{self.source} record {i}"
+
+
+def load_records(source: str | os.PathLike, *, split: str = "train", columns: Sequence[str] | None = None,
+                 label_column: str | None = None, label_names: Sequence[str] | None = None,
+                 subset: str | None = None) -> Records:
+    """Read ``source`` into a list of dicts (a :class:`Records`).
+
+    ``columns``: keep only these fields (each must exist in every row; the error lists those that do).
+    ``label_column``: normalise that field to a label name. ``label_names`` is the label set; when not
+    given it is read from a ``task.json`` beside the file if one is there (RAFT layout). Integer codes
+    (the hub's RAFT form) map ``k -> label_names[k-1]``; code 0 (and an empty label) means unlabeled:
+    such rows are dropped and counted in ``Records.n_unlabeled`` (with a log warning). A label outside
+    the set is a :class:`DataError` naming the row, the label and the set.
+    """
+    path = Path(os.fspath(source))
+    if path.exists():
+        if label_names is None and label_column is not None:
+            label_names = read_task_label_names(path, label_column)
+        rows, locations, name = _read_local(path, split)
+    else:
+        rows, locations, name = _read_hub(os.fspath(source), split, subset)
+
+    if not rows:
+        raise DataError(f"{name} contains no records (split {split!r}); "
+                        "check the path/split, or add at least one record.")
+    if columns is not None:
+        rows = _select_columns(rows, locations, list(columns), name)
+    n_unlabeled = 0
+    if label_column is not None:
+        mapper = LabelMapper(label_column, label_names)
+        kept_rows, kept_locs = [], []
+        for row, loc in zip(rows, locations):
+            _require_column(row, label_column, loc)
+            label = mapper(row[label_column], row, loc)
+            if label is None:
+                n_unlabeled += 1
+                continue
+            kept_rows.append({**row, label_column: label})
+            kept_locs.append(loc)
+        rows, locations = kept_rows, kept_locs
+        if n_unlabeled:
+            log.warning("%s: dropped %d unlabeled row(s) (label code 0 or empty); %d labelled row(s) left",
+                        name, n_unlabeled, len(rows))
+        if not rows:
+            raise DataError(f"{name}: all {n_unlabeled} rows are unlabeled (label code 0 or empty in column "
+                            f"{label_column!r}); use a labelled split (e.g. split='train'), or load without "
+                            "label_column to read the rows for prediction.")
+    return Records(rows, source=name, locations=locations, n_unlabeled=n_unlabeled)
+
+
+# ---------------------------------------------------------------- local files
+
+def _read_local(path: Path, split: str) -> tuple[list[dict], list[str], str]:
+    name = str(path)
+    if path.is_dir():
+        return _read_saved_dataset(path, split)
+    suffix = path.suffix.lower()
+    if suffix in _JSON:
+        rows, locs = _read_json(path)
+    elif suffix in _JSONL:
+        rows, locs = _read_jsonl(path)
+    elif suffix in _CSV:
+        rows, locs = _read_csv(path)
+    elif suffix in _ARROW:
+        rows, locs = _read_arrow(path)
+    else:
+        raise DataError(f"{path}: unknown file format {path.suffix or '(no extension)'!r}; "
+                        f"use one of {', '.join(SUPPORTED_SUFFIXES)} (or a datasets folder / hub name), "
+                        "or convert the file.")
+    return rows, locs, name
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); re-save the file as UTF-8.") from None
+
+
+def _read_json(path: Path) -> tuple[list[dict], list[str]]:
+    text = _read_text(path)
+    if not text.lstrip().startswith("["):
+        # Many ".json" files in the wild are JSON Lines; read them as such.
+        return _parse_jsonl(path, text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
+                        "fix that line (a JSON file must hold one list of objects).") from None
+    rows, locs = [], []
+    for i, item in enumerate(data):
+        loc = f"{path} record {i}"
+        if not isinstance(item, dict):
+            raise DataError(f"{loc} (0-based index in the top-level list) is a {type(item).__name__}, "
+                            "not an object; every record must be an object like "
+                            '{"instruction": ..., "input": ..., "output": ...}.')
+        rows.append(item)
+        locs.append(loc)
+    return rows, locs
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    return _parse_jsonl(path, _read_text(path))
+
+
+def _parse_jsonl(path: Path, text: str) -> tuple[list[dict], list[str]]:
+    rows, locs = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                            "fix that line: JSON Lines needs one complete object per line.") from None
+        if not isinstance(item, dict):
+            raise DataError(f"{path} line {lineno}: a {type(item).__name__}, not an object; "
+                            "each line must be one JSON object.")
+        rows.append(item)
+        locs.append(f"{path} line {lineno}")
+    return rows, locs
+
+
+def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    rows, locs = [], []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return [], []
+            start = reader.line_num
+            for n, values in enumerate(reader, start=1):
+                if not values:
+                    start = reader.line_num
+                    continue
+                if len(values) != len(header):
+                    raise DataError(f"{path} row {n} (line {start + 1}): {len(values)} fields, but the header "
+                                    f"has {len(header)} ({header}); quote fields that contain "
+                                    f"{delimiter!r} or fix the row.")
+                rows.append(dict(zip(header, values)))
+                locs.append(f"{path} row {n} (line {start + 1})")
+                start = reader.line_num
+        except csv.Error as e:
+            raise DataError(f"{path} line {reader.line_num}: malformed CSV ({e}); fix the quoting on that line.") \
+                from None
+    return rows, locs
+
+
+def _read_arrow(path: Path) -> tuple[list[dict], list[str]]:
+    import datasets  # heavy: only when needed
+
+    kind = "parquet" if path.suffix.lower() == ".parquet" else "arrow"
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: could not read as {kind} ({type(e).__name__}: {e}); "
+                        "check the file is complete, or convert it to JSONL/CSV.") from None
+    return _rows_from_dataset(ds, str(path))
+
+
+def _read_saved_dataset(path: Path, split: str) -> tuple[list[dict], list[str], str]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path} is a folder but not one written by Dataset.save_to_disk; "
+                        f"pass a data file inside it ({', '.join(SUPPORTED_SUFFIXES)}).") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path} has no split {split!r}; splits there: {sorted(ds)}. Pass split=one of them.")
+        ds = ds[split]
+    rows, locs = _rows_from_dataset(ds, f"{path}[{split}]")
+    return rows, locs, f"{path}[{split}]"
+
+
+def _rows_from_dataset(ds: Any, name: str) -> tuple[list[dict], list[str]]:
+    rows = [dict(r) for r in ds]
+    return rows, [f"{name} row {i}" for i in range(len(rows))]
+
+
+# ---------------------------------------------------------------- hub names
+
+def _read_hub(name: str, split: str, subset: str | None) -> tuple[list[dict], list[str], str]:
+    if subset is None and ":" in name and not os.path.isabs(name):
+        name, subset = name.split(":", 1)
+    if _looks_like_path(name):
+        raise DataError(f"{name}: no such file or folder; check the path "
+                        f"(a relative path starts from {os.getcwd()}).")
+    import datasets
+
+    label = f"{name}" + (f" ({subset})" if subset else "") + f"[{split}]"
+    try:
+        ds = datasets.load_dataset(name, subset, split=split)
+    except (ConnectionError, OSError) as e:
+        if isinstance(e, FileNotFoundError) and not _offline():
+            raise DataError(f"{name}: neither a local file nor a dataset on the hub ({e}); "
+                            "check the name or pass a local file path.") from None
+        raise DataError(f"dataset {label} is not cached locally and there is no network "
+                        f"({'HF_HUB_OFFLINE=1' if _offline() else type(e).__name__}: {e}); "
+                        "pass a local file path instead (.json/.jsonl/.csv/.parquet), or download it once "
+                        "on a machine with network so it is in the datasets cache.") from None
+    except ValueError as e:  # unknown split / missing config name
+        raise DataError(f"dataset {label}: {e}; pass a valid split= or subset=.") from None
+    rows, locs = _rows_from_dataset(ds, label)
+    return rows, locs, label
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub name is ``name`` or ``owner/name``; anything else that does not exist is a mistyped path."""
+    return (Path(name).suffix.lower() in SUPPORTED_SUFFIXES or name.startswith((".", "/", "~", "\\"))
+            or name.count("/") > 1 or "\\" in name)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+# ---------------------------------------------------------------- columns
+
+def _require_column(row: dict, column: str, loc: str) -> None:
+    if column not in row:
+        raise DataError(f"{loc}: missing column {column!r}; columns there: {list(row)}. "
+                        "Pass the right column name (e.g. --text-column/--label-column) or fix the row.")
+
+
+def _select_columns(rows: list[dict], locations: list[str], columns: list[str], name: str) -> list[dict]:
+    out = []
+    for row, loc in zip(rows, locations):
+        for c in columns:
+            _require_column(row, c, loc)
+        out.append({c: row[c] for c in columns})
+    return out
