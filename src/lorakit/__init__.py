@@ -1,0 +1,47 @@
+"""lorakit: LoRA fine-tuning for transformer language models.
+
+Public API (imported lazily, so ``import lorakit`` is cheap)::
+
+    from lorakit import LoraConfig, TaskType, get_peft_model, LoraModel
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LoraConfig": "config",
+    "TaskType": "config",
+    "LoraModel": "model",
+    "PeftModel": "model",
+    "get_peft_model": "model",
+    "dry_run": "dryrun",
+    "DryRunReport": "dryrun",
+    "default_target_modules": "targets",
+    "DEFAULT_TARGET_MODULES": "targets",
+    "LoraError": "errors",
+    "ConfigError": "errors",
+    "TargetError": "errors",
+    "AdapterLoadError": "errors",
+    "DataError": "errors",
+    "TrainingError": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import LoraConfig, TaskType
+    from .dryrun import DryRunReport, dry_run
+    from .errors import AdapterLoadError, ConfigError, DataError, LoraError, TargetError, TrainingError
+    from .model import LoraModel, PeftModel, get_peft_model
+    from .targets import DEFAULT_TARGET_MODULES, default_target_modules
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")

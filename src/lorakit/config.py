@@ -1,0 +1,313 @@
+"""LoraConfig and TaskType.
+
+A LoraConfig is frozen and validated when built: a bad value fails at once with a message that
+names the field, the value and what would be accepted. It round-trips through peft's
+``adapter_config.json`` (same field names), so adapters move between lorakit and peft both ways.
+
+The math, once. A LoRA layer wraps a frozen base layer ``W`` (out x in) and adds a low-rank update::
+
+    y = W x + (alpha / r) * B (A dropout(x))        A: r x in (random init), B: out x r (zeros)
+
+so a fresh adapter leaves the model unchanged. With ``use_rslora`` the scale is ``alpha / sqrt(r)``,
+which keeps the update's size stable as r grows. Merging adds ``(alpha / r) * B A`` into ``W``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, Union
+
+from .errors import ConfigError
+
+__all__ = ["TaskType", "LoraConfig", "ALL_LINEAR", "CONFIG_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+ALL_LINEAR = "all-linear"  # every nn.Linear / Conv1D except the output head
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+class TaskType(str, enum.Enum):
+    """What the adapted model is used for; decides which heads are trained and saved with it."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    SEQ_CLS = "SEQ_CLS"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:  # json.dumps and f-strings show the bare value, like peft
+        return self.value
+
+
+# peft writes these keys too. At these values they change nothing in a plain LoRA adapter, so
+# reading them is silent; any other value asks for a feature lorakit does not implement.
+_PEFT_NEUTRAL_KEYS: dict[str, tuple[Any, ...]] = {
+    "peft_type": ("LORA",),
+    "peft_version": (),  # any value
+    "auto_mapping": (),
+    "megatron_config": (None,),
+    "megatron_core": (),
+    "loftq_config": ({}, None),
+    "use_dora": (False, None),
+    "layer_replication": (None,),
+    "lora_bias": (False,),
+    "eva_config": (None,),
+    "corda_config": (None,),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "use_qalora": (False,),
+    "qalora_group_size": (),
+    "alora_invocation_tokens": (None,),
+    "arrow_config": (None,),
+    "ensure_weight_tying": (False, True),
+    "monteclora_config": (None,),
+    "kasa_config": (None,),
+    "lora_ga_config": (None,),
+    "velora_config": (None,),
+    "use_bdlora": (None, False),
+}
+
+StrOrNames = Union[str, tuple[str, ...], None]
+
+
+def _names(field: str, value: Any, allow_regex: bool) -> StrOrNames:
+    """Normalise a list/set/tuple of module names (or, if allowed, a regex string) to a tuple."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not allow_regex:
+            return (value,)
+        if value.lower() == ALL_LINEAR:
+            return ALL_LINEAR
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ConfigError(
+                f"{field}={value!r} is not a valid regular expression ({e}). Pass a list of module "
+                f"names (e.g. ['q_proj', 'v_proj']) or a valid regex matched against full module names."
+            ) from None
+        return value
+    if isinstance(value, Iterable):
+        items = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+        bad = [v for v in items if not isinstance(v, str) or not v]
+        if bad:
+            raise ConfigError(f"{field} must hold non-empty module names (strings); got {bad!r}.")
+        if not items:
+            raise ConfigError(
+                f"{field} is an empty list. Give at least one module name, or None for the default."
+            )
+        return tuple(dict.fromkeys(items))  # drop repeats, keep order
+    raise ConfigError(
+        f"{field} must be a list of module names or a regex string; got {type(value).__name__} {value!r}."
+    )
+
+
+def _positive_int(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{field} must be a positive integer (e.g. 4, 8, 16); got {value!r}.")
+    return value
+
+
+def _positive_number(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{field} must be a positive number (e.g. 16 or 32); got {value!r}.")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Configuration of one LoRA adapter (peft-compatible field names).
+
+    Every field is checked when the config is built; the config never changes afterwards
+    (use ``dataclasses.replace`` or :meth:`replace` for a modified copy).
+    """
+
+    #: The model the adapter was made for (hub name or path); recorded in adapter_config.json.
+    base_model_name_or_path: str | None = None
+    #: Hub revision of the base model, recorded for reproducibility.
+    revision: str | None = None
+    #: What the model is used for (CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, ...); classification tasks also
+    #: train and save their head (``classifier`` / ``score``).
+    task_type: TaskType | str | None = None
+    #: Load for inference: LoRA weights are frozen (no trainable parameters).
+    inference_mode: bool = False
+    #: Rank of the update (the inner size of B A). 4, 8 or 16 are the usual choices.
+    r: int = 8
+    #: Modules to wrap: a list of names (matched as the last dotted parts of a module path, so
+    #: "q_proj" and "self_attn.q_proj" both work), a regex matched against full paths, "all-linear",
+    #: or None for the model family's default.
+    target_modules: StrOrNames = None
+    #: Modules never to wrap: names (as above) or a regex.
+    exclude_modules: StrOrNames = None
+    #: Scale numerator: the update is multiplied by lora_alpha / r. Changing it acts like the learning rate.
+    lora_alpha: float = 8
+    #: Dropout on the input of the LoRA branch, in [0, 1).
+    lora_dropout: float = 0.0
+    #: True when the base weight is stored as (in, out), as in GPT-2's Conv1D (set automatically there).
+    fan_in_fan_out: bool = False
+    #: Which biases train: "none", "all" (every bias in the model) or "lora_only" (wrapped layers').
+    bias: str = "none"
+    #: Rank-stabilised LoRA: scale by lora_alpha / sqrt(r) instead of lora_alpha / r.
+    use_rslora: bool = False
+    #: Modules (other than LoRA targets) trained in full and saved with the adapter, e.g. a new head.
+    modules_to_save: tuple[str, ...] | None = None
+    #: A's initialisation: True (Kaiming-uniform, as nn.Linear), "gaussian" (normal, std 1/r) —
+    #: both with B = 0 — or False (B random too: the adapter changes the model from the start; tests only).
+    init_lora_weights: bool | str = True
+    #: Only wrap modules in these layer indices (an int or a list of ints).
+    layers_to_transform: int | tuple[int, ...] | None = None
+    #: Name of the module list holding the layers ("layers", "h", ...); default: any.
+    layers_pattern: str | tuple[str, ...] | None = None
+    #: Per-module rank overrides: {name or regex: r}.
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    #: Per-module alpha overrides: {name or regex: alpha}.
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: set once, here)
+        if self.task_type is not None:
+            try:
+                set_("task_type", TaskType(str(self.task_type).upper() if isinstance(self.task_type, str)
+                                           else self.task_type))
+            except ValueError:
+                raise ConfigError(
+                    f"task_type={self.task_type!r} is unknown; use one of "
+                    f"{', '.join(t.value for t in TaskType)} (or None)."
+                ) from None
+        for name in ("inference_mode", "fan_in_fan_out", "use_rslora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False; got {getattr(self, name)!r}.")
+        _positive_int("r", self.r)
+        _positive_number("lora_alpha", self.lora_alpha)
+        p = self.lora_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0):
+            raise ConfigError(f"lora_dropout must be a number in [0, 1) (e.g. 0.05 or 0.1); got {p!r}.")
+        set_("lora_dropout", float(p))
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias={self.bias!r} is unknown; use one of {', '.join(map(repr, BIAS_MODES))}.")
+        if not (self.init_lora_weights is True or self.init_lora_weights is False
+                or self.init_lora_weights == "gaussian"):
+            raise ConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is unknown; use True (default), 'gaussian' or False."
+            )
+        set_("target_modules", _names("target_modules", self.target_modules, allow_regex=True))
+        set_("exclude_modules", _names("exclude_modules", self.exclude_modules, allow_regex=True))
+        if self.exclude_modules == ALL_LINEAR:
+            raise ConfigError("exclude_modules='all-linear' would exclude every target; list the modules to skip.")
+        mts = _names("modules_to_save", self.modules_to_save, allow_regex=False)
+        set_("modules_to_save", mts)
+        layers = self.layers_to_transform
+        if layers is not None:
+            layers = (layers,) if isinstance(layers, int) and not isinstance(layers, bool) else layers
+            if not isinstance(layers, Iterable) or isinstance(layers, str):
+                raise ConfigError(f"layers_to_transform must be an int or a list of ints; got {layers!r}.")
+            layers = tuple(layers)
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise ConfigError(
+                    f"layers_to_transform must hold layer indices (ints >= 0); got {self.layers_to_transform!r}."
+                )
+            if isinstance(self.target_modules, str):
+                raise ConfigError(
+                    "layers_to_transform cannot be combined with a regex target_modules; put the layer "
+                    "indices into the regex, or give target_modules as a list of names."
+                )
+            set_("layers_to_transform", layers)
+        if self.layers_pattern is not None:
+            if self.layers_to_transform is None:
+                raise ConfigError(
+                    "layers_pattern only applies with layers_to_transform; set layers_to_transform too "
+                    "(e.g. layers_to_transform=[0, 1], layers_pattern='layers')."
+                )
+            pat = self.layers_pattern
+            set_("layers_pattern", (pat,) if isinstance(pat, str) else tuple(pat))
+        rank_pattern = {str(k): _positive_int(f"rank_pattern[{k!r}]", v) for k, v in dict(self.rank_pattern or {}).items()}
+        alpha_pattern = {str(k): _positive_number(f"alpha_pattern[{k!r}]", v)
+                         for k, v in dict(self.alpha_pattern or {}).items()}
+        set_("rank_pattern", MappingProxyType(rank_pattern))
+        set_("alpha_pattern", MappingProxyType(alpha_pattern))
+
+    __hash__ = None  # holds mappings
+
+    # ----------------------------------------------------------------------------------------
+    def replace(self, **changes: Any) -> "LoraConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def scaling_for(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        """The adapter_config.json content, with peft's field names and types."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, TaskType):
+                v = v.value
+            elif isinstance(v, MappingProxyType):
+                v = dict(v)
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        out["peft_type"] = "LORA"
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LoraConfig":
+        """Build from an adapter_config.json mapping; unknown keys warn and are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs, unknown = {}, []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _PEFT_NEUTRAL_KEYS:
+                allowed = _PEFT_NEUTRAL_KEYS[key]
+                if allowed and value not in allowed:
+                    raise ConfigError(
+                        f"adapter config sets {key}={value!r}, a peft feature lorakit does not implement; "
+                        f"only plain LoRA adapters ({key} in {list(allowed)!r}) can be loaded."
+                    )
+            else:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(
+                f"adapter config has keys this lorakit version does not know, ignored: {sorted(unknown)}",
+                stacklevel=2,
+            )
+        return cls(**kwargs)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write adapter_config.json into ``directory`` (atomically)."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "LoraConfig":
+        """Read ``directory/adapter_config.json`` (or a path to the JSON file itself)."""
+        path = os.fspath(directory)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise ConfigError(f"no adapter config at {path}: an adapter folder holds {CONFIG_NAME} and "
+                              f"adapter_model.safetensors (as written by save_pretrained).")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); the adapter folder is corrupt.") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object; got {type(data).__name__}.")
+        return cls.from_dict(data)

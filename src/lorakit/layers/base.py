@@ -1,0 +1,176 @@
+"""What every LoRA layer shares: the adapters it holds, which are active, merge and unmerge.
+
+A LoRA layer wraps a module and keeps it as ``base_layer``; it never changes the class of what
+it wraps. Per-kind code (linear, embedding) only says how to build A/B, how to compute the
+update for an input, and what ``B A`` looks like in the base weight's layout.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import LoraError
+from .routing import BASE, current_rows
+
+__all__ = ["LoraLayer"]
+
+
+def _is_quantized(weight: torch.Tensor) -> bool:
+    return type(weight).__name__ in ("Params4bit", "Int8Params") or hasattr(weight, "quant_state")
+
+
+class LoraLayer(nn.Module):
+    """Base class of lorakit's LoRA wrappers (see ``layers.linear`` and ``layers.embedding``)."""
+
+    #: names of the per-adapter parameter containers (PEFT naming)
+    adapter_containers: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # -- per-kind hooks ---------------------------------------------------------------------
+    def _create(self, name: str, r: int, init, device: torch.device, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution to the output for input ``x``."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B A, in the base weight's layout and float32."""
+        raise NotImplementedError
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:  # transformers code sometimes reads layer.weight
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: nn.Module | None, init) -> None:
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
+        self.lora_dropout[name] = dropout if dropout is not None else nn.Identity()
+        # adapters live in float32 when the base is half precision or quantized (stable training)
+        w = self.base_layer.weight
+        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        self._create(name, r, init, w.device, dtype)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        out = []
+        for container in self.adapter_containers:
+            item = getattr(self, container)[name]
+            out.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        return out
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        for container in self.adapter_containers:
+            del getattr(self, container)[name]
+        del self.lora_dropout[name]
+        for d in (self.r, self.lora_alpha, self.scaling):
+            d.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.r]
+
+    # -- merge ------------------------------------------------------------------------------
+    def merge(self, names: Sequence[str] | None = None, safe: bool = False) -> None:
+        """Add the adapters' updates into the base weight. Merging a merged adapter is a no-op."""
+        names = list(self.active_adapters if names is None else names)
+        w = self.base_layer.weight
+        if _is_quantized(w):
+            raise LoraError(
+                "cannot merge into a quantized (4/8-bit) base layer: load the base model in bf16/fp32, "
+                "load the adapter on it, then merge."
+            )
+        for name in names:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            delta = self.delta_weight(name)
+            if safe:
+                new = w.data.float() + delta
+                if not torch.isfinite(new).all():
+                    raise LoraError(
+                        f"merging adapter {name!r} would put NaN/inf into {type(self.base_layer).__name__} weights; "
+                        f"the adapter is broken (check its training). Nothing was merged into this layer."
+                    )
+                w.data.copy_(new.to(w.dtype))
+            else:
+                w.data += delta.to(w.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        """Subtract merged updates again; unmerge of an unmerged layer is a no-op."""
+        names = list(reversed(self.merged_adapters if names is None else names))
+        w = self.base_layer.weight
+        for name in names:
+            if name not in self.merged_adapters:
+                continue
+            w.data -= self.delta_weight(name).to(w.dtype)
+            self.merged_adapters.remove(name)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        rows = current_rows()
+        result = self.base_layer(x, *args, **kwargs)
+        if rows is not None:
+            return self._routed(x, result, rows)
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            result = result + self._delta(name, x).to(result.dtype)
+        return result
+
+    def _routed(self, x: torch.Tensor, result: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
+        if self.merged_adapters:
+            raise LoraError("adapter_names (one adapter per row) needs unmerged adapters; call unmerge_adapter() first.")
+        n = x.shape[0]
+        if len(rows) != n:
+            if n % len(rows):
+                raise LoraError(f"adapter_names has {len(rows)} entries but the batch has {n} rows.")
+            rows = tuple(r for r in rows for _ in range(n // len(rows)))  # beams / repeated rows
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(rows):
+            groups.setdefault(name, []).append(i)
+        for name, idx in groups.items():
+            if name == BASE:
+                continue
+            if name not in self.r:
+                continue  # this layer is not targeted by that adapter
+            if len(idx) == n:
+                result = result + self._delta(name, x).to(result.dtype)
+                continue
+            index = torch.tensor(idx, device=x.device)
+            delta = self._delta(name, x.index_select(0, index)).to(result.dtype)
+            result = result.index_add(0, index, delta)
+        return result
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.r)

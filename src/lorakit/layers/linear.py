@@ -1,0 +1,50 @@
+"""LoRA around nn.Linear and transformers' Conv1D (GPT-2 family, weight stored as in x out)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops import lora_delta
+from .base import LoraLayer
+
+__all__ = ["LoraLinear"]
+
+
+class LoraLinear(LoraLayer):
+    """``y = base(x) + scaling * B(A(dropout(x)))``; also wraps fused projections (BLOOM's query_key_value)."""
+
+    adapter_containers = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name: str, r: int, init, device: torch.device, dtype: torch.dtype) -> None:
+        A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        if init is True:
+            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            nn.init.zeros_(B.weight)
+        elif init == "gaussian":
+            nn.init.normal_(A.weight, std=1 / r)
+            nn.init.zeros_(B.weight)
+        # init False: both keep nn.Linear's random init, so the adapter changes the output at once
+        self.lora_A[name], self.lora_B[name] = A, B
+
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return lora_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                          self.lora_dropout[name] if self.lora_dropout[name].__class__ is not nn.Identity else None)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A = self.lora_A[name].weight.float()
+        B = self.lora_B[name].weight.float()
+        delta = (B @ A) * self.scaling[name]
+        return delta.t() if self.fan_in_fan_out else delta

@@ -1,0 +1,443 @@
+"""LoraModel: a transformers model with named LoRA adapters.
+
+Porting peft code means changing imports: ``get_peft_model``, ``print_trainable_parameters``,
+``save_pretrained``, ``LoraModel.from_pretrained`` (alias ``PeftModel``), ``merge_and_unload``
+keep their names and meaning. The wrapped model is changed in place (its target layers are
+wrapped); ``unload`` / ``merge_and_unload`` give back plain modules.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterLoadError, LoraError
+from .layers import LoraLayer, ModulesToSave, wrapper_for
+from .layers.routing import BASE, adapter_rows
+from .ops import SharedDropout
+from .plan import PEFT_PREFIX, AdapterPlan, plan_adapter
+
+__all__ = ["LoraModel", "PeftModel", "get_peft_model"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_ADAPTER_KEY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_dropout|modules_to_save)\.([^.]+)(?=\.|$)")
+
+
+class LoraModel(nn.Module):
+    """A model with LoRA adapters. Calls and unknown attributes go to the wrapped model."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        if isinstance(model, LoraModel):
+            raise LoraError("the model already has LoRA adapters; use add_adapter() on it for another one.")
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self._plans: dict[str, AdapterPlan] = {}
+        self.active_adapter: str | None = None
+        self._unloaded = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+
+    # -- attribute passthrough --------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def base_model(self) -> "LoraModel":
+        """peft's ``PeftModel.base_model``; ``model.base_model.model`` is the transformers model."""
+        return self
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if self.active_adapter else []
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapter]
+
+    def _check_live(self) -> None:
+        if self._unloaded:
+            raise LoraError("this LoraModel was unloaded; use the model that unload()/merge_and_unload() returned.")
+
+    # -- layers -----------------------------------------------------------------------------
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        for name, m in self.model.named_modules():
+            if isinstance(m, LoraLayer):
+                yield name, m
+
+    def _saved_wrappers(self) -> Iterator[tuple[str, ModulesToSave]]:
+        for name, m in self.model.named_modules():
+            if isinstance(m, ModulesToSave):
+                yield name, m
+
+    def _replace(self, path: str, new: nn.Module) -> None:
+        parent_path, _, child = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        setattr(parent, child, new)
+
+    # -- adapters ---------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Inject a new adapter (it becomes active if none is)."""
+        self._check_live()
+        if not isinstance(config, LoraConfig):
+            raise LoraError(f"config must be a lorakit.LoraConfig; got {type(config).__name__}.")
+        if not isinstance(adapter_name, str) or not _NAME_RE.match(adapter_name) or adapter_name == BASE:
+            raise LoraError(
+                f"adapter name {adapter_name!r} is not allowed: use letters, digits, '_' or '-' (no dots), "
+                f"and not {BASE!r}."
+            )
+        if adapter_name in self.peft_config:
+            raise LoraError(f"adapter {adapter_name!r} exists already; delete_adapter() it first or pick another name.")
+        wrapped = {n for n, _ in self.lora_layers()}
+        plan = plan_adapter(self.model, config, wrapped=wrapped)  # raises before anything changes
+        dropout = SharedDropout(config.lora_dropout) if config.lora_dropout > 0 else None
+        for spec in plan.targets:
+            module = self.model.get_submodule(spec.name)
+            if not isinstance(module, LoraLayer):
+                wrapper = wrapper_for(spec.kind)(module)
+                self._replace(spec.name, wrapper)
+                module = wrapper
+            module.add_adapter(adapter_name, spec.r, spec.alpha, spec.scaling, dropout, config.init_lora_weights)
+        for path in plan.modules_to_save:
+            module = self.model.get_submodule(path)
+            if not isinstance(module, ModulesToSave):
+                wrapper = ModulesToSave(module)
+                self._replace(path, wrapper)
+                module = wrapper
+            module.add_adapter(adapter_name)
+        self.peft_config[adapter_name] = config
+        self._plans[adapter_name] = plan
+        if self.active_adapter is None:
+            self.set_adapter(adapter_name)
+        else:
+            self._mark_trainable()
+        if dropout is not None:
+            dropout.train(self.training)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter (the one used, trained and saved by default)."""
+        self._check_live()
+        self._require(adapter_name)
+        self.active_adapter = adapter_name
+        for _, layer in self.lora_layers():
+            for name in list(layer.merged_adapters):
+                if name != adapter_name:
+                    layer.unmerge([name])
+            layer.set_active([adapter_name])
+        for _, w in self._saved_wrappers():
+            w.active_adapter = adapter_name
+        self._mark_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_live()
+        self._require(adapter_name)
+        for path, layer in list(self.lora_layers()):
+            if adapter_name in layer.r:
+                layer.delete_adapter(adapter_name)
+                if not layer.r:
+                    self._replace(path, layer.base_layer)
+        for path, w in list(self._saved_wrappers()):
+            if adapter_name in w.modules_to_save:
+                w.delete_adapter(adapter_name)
+                if not len(w.modules_to_save):
+                    self._replace(path, w.original_module)
+        del self.peft_config[adapter_name]
+        del self._plans[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+            if self.peft_config:
+                self.set_adapter(next(iter(self.peft_config)))
+
+    def _require(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise LoraError(f"no adapter named {adapter_name!r}; adapters: {list(self.peft_config) or 'none'}.")
+
+    def _mark_trainable(self) -> None:
+        """Only the active adapter trains (nothing does in inference mode); biases per ``bias``."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        name = self.active_adapter
+        if name is None:
+            return
+        config = self.peft_config[name]
+        if config.inference_mode:
+            return
+        for p in self.adapter_parameters(name):
+            p.requires_grad_(True)
+
+    def adapter_parameters(self, adapter_name: str | None = None) -> list[nn.Parameter]:
+        """The parameters an adapter trains: A/B, its modules_to_save copies, its biases."""
+        name = adapter_name or self.active_adapter
+        self._require(name)
+        params: list[nn.Parameter] = []
+        for _, layer in self.lora_layers():
+            if name in layer.r:
+                params.extend(layer.adapter_parameters(name))
+        for _, w in self._saved_wrappers():
+            if name in w.modules_to_save:
+                params.extend(w.modules_to_save[name].parameters())
+        bias = self.peft_config[name].bias
+        if bias != "none":
+            targets = {t.name for t in self._plans[name].targets}
+            for mpath, m in self.model.named_modules():
+                if isinstance(m, (LoraLayer, ModulesToSave)):
+                    continue
+                b = m._parameters.get("bias") if hasattr(m, "_parameters") else None
+                if isinstance(b, nn.Parameter):
+                    owner = mpath[: -len(".base_layer")] if mpath.endswith(".base_layer") else mpath
+                    if "modules_to_save" in owner.split(".") or ".original_module" in owner:
+                        continue
+                    if bias == "all" or owner in targets:
+                        params.append(b)
+        return params
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model without any adapter inside the ``with`` block."""
+        self._check_live()
+        layers = [l for _, l in self.lora_layers()] + [w for _, w in self._saved_wrappers()]
+        try:
+            for l in layers:
+                l.disable_adapters = True
+            yield
+        finally:
+            for l in layers:
+                l.disable_adapters = False
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """Forward of the wrapped model. ``adapter_names`` (one per row; "__base__" for none) mixes adapters in a batch."""
+        self._check_live()
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        self._check_rows(adapter_names)
+        with adapter_rows(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        self._check_live()
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        self._check_rows(adapter_names)
+        with adapter_rows(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    def _check_rows(self, names: Sequence[str]) -> None:
+        unknown = sorted({n for n in names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise LoraError(f"adapter_names has unknown adapters {unknown}; loaded: {list(self.peft_config)} "
+                            f"(use {BASE!r} for the base model).")
+
+    # -- merge ------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active one) into the base weights; merging twice is a no-op."""
+        self._check_live()
+        names = list(adapter_names or self.active_adapters)
+        for n in names:
+            self._require(n)
+        layers = [l for _, l in self.lora_layers()]
+        if safe_merge:  # check every layer first so a bad adapter leaves no layer half-merged
+            for l in layers:
+                for n in names:
+                    if n in l.r and n not in l.merged_adapters:
+                        new = l.base_layer.weight.data.float() + l.delta_weight(n)
+                        if not torch.isfinite(new).all():
+                            raise LoraError(
+                                f"merging adapter {n!r} would put NaN/inf into the weights of a "
+                                f"{type(l.base_layer).__name__} layer; nothing was merged. The adapter is broken."
+                            )
+        for l in layers:
+            l.merge(names, safe=False)
+
+    def unmerge_adapter(self) -> None:
+        self._check_live()
+        for _, l in self.lora_layers():
+            l.unmerge()
+
+    def _strip(self, merge: bool, safe_merge: bool, adapter_names: Sequence[str] | None) -> nn.Module:
+        self._check_live()
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        for path, l in list(self.lora_layers()):
+            if not merge:
+                l.unmerge()
+            self._replace(path, l.base_layer)
+        for path, w in list(self._saved_wrappers()):
+            keep = w.modules_to_save[self.active_adapter] if merge and self.active_adapter in w.modules_to_save \
+                else w.original_module
+            self._replace(path, keep)
+        model = self.model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._unloaded = True
+        return model
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge the adapter into the weights and return the plain transformers model."""
+        return self._strip(True, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original model."""
+        return self._strip(False, False, None)
+
+    # -- parameters -------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for p in self.model.parameters():
+            n = p.numel()
+            if type(p).__name__ == "Params4bit":  # two 4-bit values per stored byte
+                n *= 2
+            total += n
+            if p.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # -- state dicts (PEFT key names) -------------------------------------------------------
+    def lora_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's weights under PEFT key names (``base_model.model.<path>.lora_A.weight`` ...)."""
+        self._check_live()
+        name = adapter_name or self.active_adapter
+        self._require(name)
+        wanted = set(self._plans[name].expected_keys())
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in self.model.state_dict(keep_vars=True).items():
+            peft_key = _peft_key(key, name)
+            if peft_key is not None and peft_key in wanted:
+                out[peft_key] = tensor.detach()
+        missing = wanted - set(out)
+        if missing:  # a bug, not a user error: the plan and the model disagree
+            raise RuntimeError(f"internal: adapter {name!r} lacks {sorted(missing)[:5]}")
+        return out
+
+    def load_lora_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
+        """Copy PEFT-named weights into an existing adapter; every key and shape is checked first."""
+        self._check_live()
+        name = adapter_name or self.active_adapter
+        self._require(name)
+        expected = self._plans[name].expected_keys()
+        clean = check_state_dict(state_dict, expected, what=f"adapter {name!r}")
+        current = self.lora_state_dict(name)
+        with torch.no_grad():
+            for key, value in clean.items():
+                current[key].copy_(value.to(dtype=current[key].dtype, device=current[key].device))
+
+    # -- files ------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None,
+                        **_ignored) -> None:
+        """Write PEFT-format adapter folders (the default adapter at the top, others in subfolders)."""
+        from .checkpoint import save_adapter
+
+        self._check_live()
+        for name in selected_adapters or list(self.peft_config):
+            target = save_directory if name == "default" else os.path.join(save_directory, name)
+            save_adapter(self, target, name)
+
+    def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
+                     allow_pickle: bool = False) -> None:
+        """Load a PEFT-format adapter folder as a new adapter (checked completely before any change)."""
+        from .checkpoint import read_adapter
+
+        self._check_live()
+        if adapter_name in self.peft_config:
+            raise LoraError(f"adapter {adapter_name!r} exists already; pick another adapter_name or delete it first.")
+        config, weights = read_adapter(adapter_dir, allow_pickle=allow_pickle)
+        if config.inference_mode == is_trainable:
+            config = config.replace(inference_mode=not is_trainable)
+        wrapped = {n for n, _ in self.lora_layers()}
+        try:
+            plan = plan_adapter(self.model, config, wrapped=wrapped)
+        except LoraError as e:
+            raise AdapterLoadError(f"adapter at {adapter_dir} does not fit this model: {e}") from None
+        check_state_dict(weights, plan.expected_keys(), what=f"adapter file in {adapter_dir}")
+        self.add_adapter(adapter_name, config)
+        self.load_lora_state_dict(weights, adapter_name)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, allow_pickle: bool = False, **_ignored) -> "LoraModel":
+        """Wrap ``model`` with the adapter saved in ``adapter_dir`` (peft's ``PeftModel.from_pretrained``)."""
+        from .checkpoint import read_adapter
+
+        config, weights = read_adapter(adapter_dir, allow_pickle=allow_pickle)
+        config = config.replace(inference_mode=not is_trainable)
+        try:
+            plan = plan_adapter(model, config)
+        except LoraError as e:
+            raise AdapterLoadError(f"adapter at {adapter_dir} does not fit this model: {e}") from None
+        check_state_dict(weights, plan.expected_keys(), what=f"adapter file in {adapter_dir}")
+        out = cls(model, config, adapter_name)
+        out.load_lora_state_dict(weights, adapter_name)
+        return out
+
+
+PeftModel = LoraModel  # the name peft users have in their code
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> LoraModel:
+    """Wrap ``model`` with a fresh LoRA adapter (peft's entry point, same signature)."""
+    return LoraModel(model, peft_config, adapter_name)
+
+
+def _peft_key(key: str, adapter_name: str) -> str | None:
+    """Model state-dict key -> PEFT file key for ``adapter_name`` (None if it belongs to another adapter)."""
+    m = _ADAPTER_KEY.search(key)
+    if m:
+        if m.group(2) != adapter_name:
+            return None
+        kept = "" if m.group(1) == "modules_to_save" else "." + m.group(1)  # the adapter name never goes in a key
+        key = key[: m.start()] + kept + key[m.end():]
+    return PEFT_PREFIX + key
+
+
+def check_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str
+                     ) -> dict[str, torch.Tensor]:
+    """Refuse a state dict with missing or unexpected keys, wrong shapes or non-finite values.
+
+    Keys peft adds for a targeted embedding's base weight (``...base_layer.weight``) are accepted
+    and dropped. Returns the entries to load.
+    """
+    clean: dict[str, torch.Tensor] = {}
+    unexpected, wrong = [], []
+    for key, value in state_dict.items():
+        if key not in expected:
+            if key.endswith(".base_layer.weight"):
+                continue
+            unexpected.append(key)
+            continue
+        if tuple(value.shape) != tuple(expected[key]):
+            wrong.append(f"{key}: file has {tuple(value.shape)}, model needs {tuple(expected[key])}")
+            continue
+        clean[key] = value
+    missing = sorted(set(expected) - set(state_dict))
+    problems = []
+    if wrong:
+        problems.append("shape mismatch (adapter made for another base model, or another r?): " + "; ".join(wrong[:6])
+                        + (f" ... ({len(wrong)} in all)" if len(wrong) > 6 else ""))
+    if missing:
+        problems.append(f"missing keys: {missing[:6]}" + (f" ... ({len(missing)} in all)" if len(missing) > 6 else ""))
+    if unexpected:
+        problems.append(f"keys this model has no place for: {sorted(unexpected)[:6]}"
+                        + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 6 else ""))
+    if not problems:
+        bad = [k for k, v in clean.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            problems.append(f"non-finite values (NaN/inf) in {bad[:6]}")
+    if problems:
+        raise AdapterLoadError(f"{what} does not match the model; nothing was changed. " + " | ".join(problems))
+    return clean

@@ -1,0 +1,188 @@
+"""What an adapter would do to a model, worked out without changing it.
+
+The plan is the single source for injection, the dry run, and the check of an adapter file
+against a model before anything is loaded: the PEFT key names and shapes it expects.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import LoraConfig, TaskType
+from .errors import TargetError
+from .layers import LoraLayer, ModulesToSave
+from .targets import module_kind, pattern_value, select_targets
+
+__all__ = ["TargetSpec", "AdapterPlan", "plan_adapter", "plain_modules", "PEFT_PREFIX"]
+
+PEFT_PREFIX = "base_model.model."
+
+# heads that classification-type tasks train and save along with the adapter (as peft does)
+_TASK_HEADS = {
+    TaskType.SEQ_CLS: ("classifier", "score"),
+    TaskType.TOKEN_CLS: ("classifier", "score"),
+    TaskType.QUESTION_ANS: ("qa_outputs",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    name: str            # module path in the model
+    kind: str            # "linear" | "conv1d" | "embedding"
+    in_features: int     # Linear/Conv1D: input size; Embedding: num_embeddings
+    out_features: int    # Linear/Conv1D: output size; Embedding: embedding_dim
+    r: int
+    alpha: float
+    scaling: float
+
+    @property
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """PEFT state-dict suffixes and shapes of this target's A and B."""
+        if self.kind == "embedding":
+            return {"lora_embedding_A": (self.r, self.in_features), "lora_embedding_B": (self.out_features, self.r)}
+        return {"lora_A.weight": (self.r, self.in_features), "lora_B.weight": (self.out_features, self.r)}
+
+    @property
+    def n_params(self) -> int:
+        return self.r * (self.in_features + self.out_features)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterPlan:
+    config: LoraConfig
+    targets: tuple[TargetSpec, ...]
+    modules_to_save: tuple[str, ...]            # module paths given a trainable copy
+    saved_shapes: dict[str, tuple[int, ...]]    # PEFT key (no prefix) -> shape, for modules_to_save params
+    bias_shapes: dict[str, tuple[int, ...]]     # PEFT key (no prefix) -> shape, for trained biases
+
+    def expected_keys(self) -> dict[str, tuple[int, ...]]:
+        """Every key (with the ``base_model.model.`` prefix) an adapter file of this plan holds."""
+        out: dict[str, tuple[int, ...]] = {}
+        for t in self.targets:
+            for suffix, shape in t.lora_shapes.items():
+                out[f"{PEFT_PREFIX}{t.name}.{suffix}"] = shape
+        for key, shape in {**self.saved_shapes, **self.bias_shapes}.items():
+            out[PEFT_PREFIX + key] = shape
+        return out
+
+    @property
+    def n_lora_params(self) -> int:
+        return sum(t.n_params for t in self.targets)
+
+    @property
+    def n_trainable(self) -> int:
+        return self.n_lora_params + sum(_numel(s) for s in {**self.saved_shapes, **self.bias_shapes}.values())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    if isinstance(module, LoraLayer):
+        return module.base_layer
+    if isinstance(module, ModulesToSave):
+        return module.original_module
+    return module
+
+
+def plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) as if no lorakit wrapper were present: wrapped modules appear as themselves."""
+
+    def walk(prefix: str, module: nn.Module):
+        module = _unwrap(module)
+        yield prefix, module
+        for child_name, child in module._modules.items():
+            if child is None:
+                continue
+            yield from walk(f"{prefix}.{child_name}" if prefix else child_name, child)
+
+    yield from walk("", model)
+
+
+def _output_heads(model: nn.Module, paths: dict[int, str]) -> list[str]:
+    heads = []
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None:
+        head = _unwrap(head)
+        if id(head) in paths:
+            heads.append(paths[id(head)])
+    for attr in ("classifier", "score", "qa_outputs"):
+        mod = getattr(model, attr, None)
+        if isinstance(mod, nn.Module) and id(_unwrap(mod)) in paths:
+            heads.append(paths[id(_unwrap(mod))])
+    return heads
+
+
+def _modules_to_save(config: LoraConfig, names: list[str]) -> tuple[str, ...]:
+    wanted = list(config.modules_to_save or ())
+    optional = [h for h in _TASK_HEADS.get(config.task_type, ()) if h not in wanted]
+    found: list[str] = []
+    for entry in wanted + optional:
+        hits = [n for n in names if n and (n == entry or n.endswith("." + entry))]
+        if not hits and entry in wanted:
+            raise TargetError(
+                f"modules_to_save entry {entry!r} matches no module. Top-level modules: "
+                f"{', '.join(sorted({n.split('.')[0] for n in names if n}))}; names match the end of a module path."
+            )
+        found.extend(h for h in hits if h not in found)
+    return tuple(found)
+
+
+def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | None = None) -> AdapterPlan:
+    """Work out targets, shapes and saved keys of ``config`` on ``model``; the model is not changed.
+
+    ``wrapped`` names the module paths already wrapped by other adapters (their biases are named
+    ``<path>.base_layer.bias`` in PEFT files).
+    """
+    mods = list(plain_modules(model))
+    kinds = {n: module_kind(m) for n, m in mods}
+    paths = {id(m): n for n, m in reversed(mods)}  # first path wins for shared modules
+    by_name = dict(mods)
+    model_config = getattr(model, "config", None)
+    model_type = getattr(model_config, "model_type", None)
+    saved = _modules_to_save(config, list(kinds))
+    names = select_targets(
+        kinds,
+        config,
+        model_type=model_type,
+        output_heads=_output_heads(model, paths),
+        modules_to_save=saved,
+        model_name=type(model).__name__,
+    )
+    targets = []
+    for n in names:
+        m, kind = by_name[n], kinds[n]
+        r = pattern_value(config.rank_pattern, n, config.r)
+        alpha = pattern_value(config.alpha_pattern, n, config.lora_alpha)
+        if kind == "embedding":
+            fin, fout = m.num_embeddings, m.embedding_dim
+        elif kind == "conv1d":
+            fin, fout = m.weight.shape
+        else:
+            fin, fout = m.in_features, m.out_features
+        targets.append(TargetSpec(n, kind, int(fin), int(fout), r, alpha, config.scaling_for(r, alpha)))
+
+    saved_shapes: dict[str, tuple[int, ...]] = {}
+    for s in saved:
+        for pname, p in by_name[s].named_parameters():
+            saved_shapes[f"{s}.{pname}"] = tuple(p.shape)
+
+    wrapped_now = set(wrapped or ()) | set(names)
+    bias_shapes: dict[str, tuple[int, ...]] = {}
+    if config.bias != "none":
+        for n, m in mods:
+            b = getattr(m, "bias", None)
+            if not isinstance(b, nn.Parameter) or any(n == s or n.startswith(s + ".") for s in saved):
+                continue
+            if config.bias == "lora_only" and n not in names:
+                continue
+            key = f"{n}.base_layer.bias" if n in wrapped_now else f"{n}.bias"
+            bias_shapes[key] = tuple(b.shape)
+    return AdapterPlan(config, tuple(targets), saved, saved_shapes, bias_shapes)
