@@ -1,0 +1,216 @@
+"""The training loop (accelerate), independent of where the model and the examples came from.
+
+Inputs are a model whose trainable parameters have ``requires_grad=True`` (a LoraModel, or anything),
+tokenized examples ``{"input_ids": [...], "labels": [...]}`` and a collate function. One optimizer step
+uses ``grad_accum`` micro-batches; the loss of the step is the mean over *all* answer tokens of those
+micro-batches (each micro-batch contributes its token-summed loss divided by the step's token count), so
+accumulation gives the same gradient as one big batch regardless of how the tokens are spread.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from lorakit.errors import TrainingError
+from lorakit.train.batches import epoch_order
+from lorakit.train.config import TrainConfig
+from lorakit.train.evaluate import heldout_loss, move
+from lorakit.train.loss import LossComputer, count_label_tokens
+from lorakit.train.metrics import MetricsLog, plot_loss
+from lorakit.train.schedule import make_scheduler, warmup_steps
+from lorakit.train.state import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: Optional[float]
+    eval: dict = field(default_factory=dict)
+    checkpoint: Optional[Path] = None
+    adapter_dir: Optional[Path] = None
+    loss_plot: Optional[Path] = None
+    tokens: int = 0
+    seconds: float = 0.0
+    fast_loss: bool = True
+
+
+def total_steps(cfg: TrainConfig, n_batches: int) -> int:
+    per_epoch = math.ceil(n_batches / cfg.train.grad_accum)
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * per_epoch))
+
+
+def _nan_error(step: int, what: str, last_good: Optional[Path], cfg: TrainConfig) -> TrainingError:
+    kept = f"the last good checkpoint is kept at {last_good}" if last_good else "no checkpoint had been written yet"
+    precision = "" if cfg.train.mixed_precision == "no" else f", train in fp32 (--set train.mixed_precision=no)"
+    return TrainingError(
+        f"{what} at optimizer step {step}; training stopped and {kept}. Try a lower learning rate "
+        f"(train.lr is {cfg.train.lr:g}; e.g. --set train.lr={cfg.train.lr / 10:g}), gradient clipping "
+        f"(--set train.max_grad_norm=1.0){precision}, or fp32 weights (--set model.dtype=float32).")
+
+
+def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Callable[[list[dict]], dict],
+               cfg: TrainConfig, output_dir: str | Path | None = None, *,
+               eval_examples: Optional[list[dict]] = None,
+               extra_eval: Optional[Callable[[torch.nn.Module], dict]] = None,
+               resume: str | Path | None = None,
+               print_fn: Callable[[str], None] = print) -> TrainResult:
+    """Train ``model`` in place; write checkpoints, metrics, the adapter and the loss plot to output_dir."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    out = Path(output_dir or cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not train_examples:
+        raise TrainingError("no training examples; check data.train and the template's columns")
+    tc = cfg.train
+    use_cpu = tc.cpu or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=tc.mixed_precision)
+    device = accelerator.device
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters; wrap it with get_peft_model first")
+    model.to(device)
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    lengths = [len(e["input_ids"]) for e in train_examples]
+    n_batches = math.ceil(len(train_examples) / tc.batch_size)
+    total = total_steps(cfg, n_batches)
+    scheduler = make_scheduler(optimizer, total, warmup_steps(total, tc.warmup_steps, tc.warmup_ratio), tc.scheduler)
+    loss_fn = LossComputer(raw_model, fast=tc.fast_loss)
+
+    step, epoch, pos, order, tokens_seen, elapsed_before = 0, 0, 0, None, 0, 0.0
+    last_good: Optional[Path] = None
+    if resume is not None:
+        ckpt = resolve_resume(resume, out)
+        state = load_checkpoint(ckpt, raw_model, optimizer, scheduler)  # restores RNG last: nothing may follow
+        if state["total_steps"] != total:
+            raise TrainingError(f"checkpoint {ckpt} was written by a run of {state['total_steps']} steps, this "
+                                f"recipe makes {total}; resume with the same train.* settings")
+        step, epoch, pos, order = state["step"], state["epoch"], state["pos"], state["order"]
+        tokens_seen, elapsed_before = state.get("tokens", 0), state.get("seconds", 0.0)
+        last_good = ckpt
+        print_fn(f"resumed from {ckpt} at step {step}/{total}")
+    else:
+        torch.manual_seed(tc.seed)  # dropout stream; the data order has its own generator
+    log = MetricsLog(out, tensorboard=cfg.output.tensorboard, resume_step=step if resume is not None else None)
+
+    def evaluate() -> dict:
+        metrics: dict = {}
+        if eval_examples:
+            with torch.random.fork_rng(devices=[]):
+                r = heldout_loss(raw_model, eval_examples, collate, cfg.eval.batch_size, loss_fn, device,
+                                 accelerator.autocast)
+            metrics.update(eval_loss=r["loss"], eval_perplexity=r["perplexity"], eval_tokens=r["tokens"])
+        if extra_eval is not None:
+            with torch.random.fork_rng(devices=[]):
+                metrics.update(extra_eval(raw_model))
+            raw_model.train()
+        return metrics
+
+    def trainer_state() -> dict:
+        return {"step": step, "epoch": epoch, "pos": pos, "order": order, "total_steps": total,
+                "tokens": tokens_seen + run_tokens, "seconds": elapsed_before + time.time() - t0,
+                "config": cfg.to_dict()}
+
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not tc.progress, dynamic_ncols=True)
+    t0 = time.time()
+    run_tokens = 0
+    last_loss: Optional[float] = None
+    last_eval: dict = {}
+    saved_at = -1
+    empty_groups = 0
+    try:
+        while step < total:
+            if order is None or pos >= len(order):
+                if order is not None:
+                    epoch += 1
+                order, pos = epoch_order(lengths, tc.batch_size, tc.seed, epoch, cfg.data.sort_by_length), 0
+            group = order[pos:pos + tc.grad_accum]
+            pos += len(group)
+            batches = [move(collate([train_examples[i] for i in idx]), device) for idx in group]
+            n_tok = sum(count_label_tokens(b["labels"]) for b in batches)
+            if n_tok == 0:
+                empty_groups += 1
+                if empty_groups > n_batches:
+                    raise TrainingError("no example has any answer token to learn from (all labels are -100); "
+                                        "check the template and data.max_length")
+                continue
+            step_loss = torch.zeros((), device=device)
+            for b in batches:
+                with accelerator.autocast():
+                    loss = loss_fn(b) / n_tok
+                if not torch.isfinite(loss):
+                    raise _nan_error(step + 1, f"loss became {float(loss.detach())}", last_good, cfg)
+                accelerator.backward(loss)
+                step_loss += loss.detach()
+                run_tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            if tc.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])))
+            if not math.isfinite(grad_norm):
+                raise _nan_error(step + 1, f"gradient norm became {grad_norm}", last_good, cfg)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = float(step_loss)
+            elapsed = time.time() - t0
+            tok_s = run_tokens / elapsed if elapsed > 0 else 0.0
+            if step % tc.log_every == 0 or step == total:
+                log.log({"step": step, "epoch": round(epoch + pos / max(len(order), 1), 4), "loss": last_loss,
+                         "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen + run_tokens,
+                         "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed_before + elapsed, 2)})
+            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total:
+                last_eval = evaluate()
+                if last_eval:
+                    log.log({"step": step, **last_eval}, prefix="eval/")
+                    bar.write(_format_eval(step, last_eval))
+            if cfg.output.save_every and step % cfg.output.save_every == 0:
+                last_good = save_checkpoint(out, step, raw_model, optimizer, scheduler, trainer_state(),
+                                            cfg.output.keep_last)
+                saved_at = step
+        bar.close()
+        if eval_examples or extra_eval is not None:
+            last_eval = evaluate()
+            if last_eval:
+                log.log({"step": step, **last_eval}, prefix="eval/")
+        if cfg.output.save_every and saved_at != step:
+            last_good = save_checkpoint(out, step, raw_model, optimizer, scheduler, trainer_state(),
+                                        cfg.output.keep_last)
+    finally:
+        bar.close()
+        log.close()
+
+    adapter_dir = None
+    if hasattr(raw_model, "lora_state_dict") and hasattr(raw_model, "save_pretrained"):
+        adapter_dir = out / "adapter"
+        raw_model.save_pretrained(adapter_dir)
+    plot = plot_loss(log.path, out / "loss.png", title=cfg.description) if cfg.output.plot else None
+    return TrainResult(output_dir=out, steps=step, final_loss=last_loss, eval=last_eval,
+                       checkpoint=last_good or (list_checkpoints(out) or [None])[-1], adapter_dir=adapter_dir,
+                       loss_plot=plot, tokens=tokens_seen + run_tokens, seconds=elapsed_before + time.time() - t0,
+                       fast_loss=loss_fn.is_fast)
+
+
+def _format_eval(step: int, metrics: dict) -> str:
+    parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+             if isinstance(v, (int, float))]
+    return f"[eval @ step {step}] " + " ".join(parts)

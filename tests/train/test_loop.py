@@ -1,0 +1,139 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.errors import TrainingError
+from lorakit.train.config import config_from_dict
+from lorakit.train.loop import train_loop
+from lorakit.train.state import list_checkpoints
+
+from .tiny import freeze_all_but_one_layer, pad_batch, tiny_examples, tiny_llama
+
+BASE = ["train.progress=false", "train.batch_size=4", "train.lr=1e-2", "output.tensorboard=false",
+        "output.plot=false", "lora.dropout=0.0"]
+
+
+def make_model(seed=0):
+    m = tiny_llama(seed)
+    freeze_all_but_one_layer(m)
+    # dropout in the trained layer makes the RNG state matter for resume
+    m.config.attention_dropout = 0.1
+    for layer in m.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    return m
+
+
+def trainable(m):
+    return {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_loss_goes_down_and_outputs_written(tmp_path):
+    cfg = config_from_dict({}, BASE + ["train.max_steps=30", "eval.every_steps=10", "output.save_every=10",
+                                       "output.plot=true", "output.tensorboard=true", "train.scheduler=cosine",
+                                       "train.warmup_steps=3"])
+    ex = tiny_examples(16)
+    model = make_model()
+    res = train_loop(model, ex, pad_batch, cfg, tmp_path, eval_examples=ex[:8], print_fn=lambda s: None)
+    assert res.steps == 30 and res.fast_loss
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert len(train_rows) == 30 and [r["step"] for r in evals] == [10, 20, 30]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert all(r["tokens_per_s"] > 0 for r in train_rows)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert any((tmp_path / "tb").iterdir())
+    # keep_last=2 prunes the step-10 checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000020", "step-000030"]
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_grad_accum_matches_one_big_batch(tmp_path):
+    ex = tiny_examples(8)
+    results = []
+    for bs, acc in [(8, 1), (2, 4)]:
+        cfg = config_from_dict({}, BASE + ["train.max_steps=3", f"train.batch_size={bs}", f"train.grad_accum={acc}",
+                                           "data.sort_by_length=false", "train.max_grad_norm=null"])
+        model = tiny_llama(0)
+        freeze_all_but_one_layer(model)
+        train_loop(model, ex, pad_batch, cfg, tmp_path / f"{bs}", print_fn=lambda s: None)
+        results.append(trainable(model))
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_is_exact(tmp_path, accum):
+    n = 5  # 16 examples / bs 4 = 4 micro-batches per epoch: the resume point falls mid-epoch
+    over = BASE + [f"train.max_steps={2 * n}", f"output.save_every={n}", "output.keep_last=0",
+                   f"train.grad_accum={accum}", "train.warmup_steps=2"]
+    cfg = config_from_dict({}, over)
+    ex = tiny_examples(16)
+    a = make_model()
+    train_loop(a, ex, pad_batch, cfg, tmp_path / "a", print_fn=lambda s: None)
+    full = trainable(a)
+    ckpt = tmp_path / "a" / "checkpoints" / f"step-{n:06d}"
+    assert ckpt.is_dir()
+
+    b = make_model()
+    res = train_loop(b, ex, pad_batch, cfg, tmp_path / "b", resume=ckpt, print_fn=lambda s: None)
+    assert res.steps == 2 * n
+    resumed = trainable(b)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=0, rtol=0)
+    final = load_file(str(tmp_path / "a" / "checkpoints" / f"step-{2 * n:06d}" / "trainable.safetensors"))
+    for k in full:
+        assert torch.equal(final[k], full[k])
+
+
+def test_resume_latest_in_same_dir_rewrites_metrics(tmp_path):
+    cfg = config_from_dict({}, BASE + ["train.max_steps=6", "output.save_every=3", "output.keep_last=0"])
+    ex = tiny_examples(12)
+    a = make_model()
+    train_loop(a, ex, pad_batch, cfg, tmp_path, print_fn=lambda s: None)
+    want = trainable(a)
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000006")
+    b = make_model()
+    train_loop(b, ex, pad_batch, cfg, tmp_path, resume="latest", print_fn=lambda s: None)
+    for k, v in trainable(b).items():
+        assert torch.equal(v, want[k])
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_errors(tmp_path):
+    cfg = config_from_dict({}, BASE + ["train.max_steps=2"])
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train_loop(make_model(), tiny_examples(8), pad_batch, cfg, tmp_path, resume="latest")
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = config_from_dict({}, BASE + ["train.max_steps=10", "output.save_every=2", "output.keep_last=0"])
+    model = make_model()
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        if calls["n"] > 7:  # 2 calls for the first-batch loss self-check, then one per step: step 6
+            return output * float("nan")
+
+    model.model.layers[1].mlp.register_forward_hook(poison)
+    with pytest.raises(TrainingError) as e:
+        train_loop(model, tiny_examples(16), pad_batch, cfg, tmp_path, print_fn=lambda s: None)
+    msg = str(e.value)
+    assert "step 6" in msg and "learning rate" in msg and "step-000004" in msg and "float32" in msg
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000004"]
+    good = load_file(str(tmp_path / "checkpoints" / "step-000004" / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in good.values())
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_huge_lr_halts_with_training_error(tmp_path):
+    cfg = config_from_dict({}, BASE + ["train.max_steps=20", "train.lr=1e30", "train.max_grad_norm=null"])
+    with pytest.raises(TrainingError, match="lower learning rate"):
+        train_loop(make_model(), tiny_examples(16), pad_batch, cfg, tmp_path, print_fn=lambda s: None)
