@@ -176,13 +176,6 @@ def select_targets(
     else:
         candidates = [n for n in modules if n and _matches_any(n, spec)]
 
-    def saved(n: str) -> bool:
-        return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in modules_to_save)
-
-    candidates = [n for n in candidates if not saved(n)]
-    if config.exclude_modules is not None:
-        candidates = [n for n in candidates if not _matches_any(n, config.exclude_modules)]
-
     if explicit and isinstance(spec, tuple):
         # each listed name must match something: a typo is an error even when other names match
         missing = [e for e in spec if not any(_name_matches(n, e) for n in candidates)]
@@ -195,6 +188,13 @@ def select_targets(
                 f"Wrappable module names that exist: {_available(modules)}. " + (hint + " " if hint else "")
                 + "Names match the end of a module path (e.g. 'q_proj' or 'self_attn.q_proj')."
             )
+
+    def saved(n: str) -> bool:
+        return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in modules_to_save)
+
+    candidates = [n for n in candidates if not saved(n)]
+    if config.exclude_modules is not None:
+        candidates = [n for n in candidates if not _matches_any(n, config.exclude_modules)]
 
     # wrapping needs a supported layer; containers matched by a loose regex are an error, not a silent skip
     unsupported = [n for n in candidates if modules[n] not in WRAPPABLE_KINDS]

@@ -1,0 +1,133 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakit import AdapterLoadError, LoraConfig, LoraModel, get_peft_model
+
+from tiny import ids, randomize_lora, tiny_llama
+
+
+def _saved(tmp_path, **cfg):
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, **cfg))
+    randomize_lora(pm)
+    pm.save_pretrained(tmp_path)
+    return pm
+
+
+def _untouched(model):
+    return [n for n, _ in model.named_modules()]
+
+
+def test_save_writes_peft_layout(tmp_path):
+    pm = _saved(tmp_path, modules_to_save=["lm_head"])
+    pm.add_adapter("second", LoraConfig(r=2, target_modules=["k_proj"]))
+    pm.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.lm_head.weight" in keys
+    assert not any("default" in k for k in keys)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["q_proj", "v_proj"]  # family default recorded as names
+    assert (tmp_path / "second" / "adapter_model.safetensors").exists()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_round_trip_identical(tmp_path):
+    pm = _saved(tmp_path, target_modules="all-linear")
+    x = ids()
+    out = pm(x).logits
+    loaded = LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(loaded(x).logits, out, atol=0, rtol=0)
+    assert loaded.get_nb_trainable_parameters()[0] == 0  # loaded for inference by default
+    trainable = LoraModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] > 0
+
+
+def test_truncated_file_is_refused(tmp_path):
+    _saved(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    model = tiny_llama()
+    before = _untouched(model)
+    with pytest.raises(AdapterLoadError, match="corrupt or truncated"):
+        LoraModel.from_pretrained(model, tmp_path)
+    assert _untouched(model) == before
+
+
+def test_wrong_shape_names_module_and_shapes(tmp_path):
+    _saved(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    sd = load_file(path)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    sd[key] = torch.zeros(99, 4)
+    save_file(sd, path)
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    with pytest.raises(AdapterLoadError) as e:
+        pm.load_adapter(tmp_path, "x")
+    assert key in str(e.value) and "(99, 4)" in str(e.value) and "(16, 4)" in str(e.value)
+    assert list(pm.peft_config) == ["default"]
+    assert all(torch.equal(v, pm.state_dict()[k]) for k, v in before.items())
+
+
+def test_missing_key_and_extra_key(tmp_path):
+    _saved(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    sd = load_file(path)
+    sd.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+    sd["base_model.model.model.layers.0.self_attn.zz.lora_A.weight"] = torch.zeros(4, 32)
+    save_file(sd, path)
+    with pytest.raises(AdapterLoadError) as e:
+        LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    assert "missing keys" in str(e.value) and "no place for" in str(e.value)
+
+
+def test_adapter_for_another_base_model(tmp_path):
+    _saved(tmp_path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    before = _untouched(other)
+    with pytest.raises(AdapterLoadError, match="shape mismatch"):
+        LoraModel.from_pretrained(other, tmp_path)
+    assert _untouched(other) == before
+
+
+def test_target_missing_in_model(tmp_path):
+    _saved(tmp_path, target_modules=["q_proj"])
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["query_key_value"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterLoadError, match="does not fit this model"):
+        LoraModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_nan_weights_refused(tmp_path):
+    _saved(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    sd = load_file(path)
+    next(iter(sd.values()))[0, 0] = float("nan")
+    save_file(sd, path)
+    with pytest.raises(AdapterLoadError, match="NaN"):
+        LoraModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_pickle_only_with_consent(tmp_path):
+    pm = _saved(tmp_path)
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    os.remove(tmp_path / "adapter_model.safetensors")
+    torch.save(sd, tmp_path / "adapter_model.bin")
+    with pytest.raises(AdapterLoadError, match="pickle"):
+        LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded = LoraModel.from_pretrained(tiny_llama(), tmp_path, allow_pickle=True)
+    x = ids()
+    torch.testing.assert_close(loaded(x).logits, pm(x).logits)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(AdapterLoadError, match="does not exist"):
+        LoraModel.from_pretrained(tiny_llama(), tmp_path / "nope")

@@ -1,0 +1,194 @@
+import copy
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, LoraError, LoraModel, TargetError, get_peft_model
+from lorakit.layers import LoraLayer
+
+from tiny import ids, randomize_lora, tiny_bloom, tiny_gpt2, tiny_llama
+
+
+def _base_weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_seed_example_on_bloom_trains():
+    model = tiny_bloom()
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=8, target_modules={"query_key_value"}, lora_alpha=32, lora_dropout=0.1)
+    pm = get_peft_model(model, cfg)
+    trainable, total = pm.get_nb_trainable_parameters()
+    assert trainable == 2 * 8 * (32 + 96)  # two layers, A: 8x32, B: 96x8
+    pm.train()
+    x = ids()
+    loss = pm(input_ids=x, labels=x).loss
+    loss.backward()
+    grads = {n for n, p in pm.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+
+
+def test_print_trainable_parameters(capsys):
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    pm.print_trainable_parameters()
+    out = capsys.readouterr().out
+    # per layer: q 4x(32+32) + v 4x(32+16) = 448; two layers
+    assert out.startswith("trainable params: 896 || all params:")
+
+
+def test_conv1d_merge_uses_transposed_update():
+    model = tiny_gpt2()
+    x = ids()
+    pm = get_peft_model(model, LoraConfig(r=4))
+    randomize_lora(pm)
+    before = pm(x).logits
+    layer = pm.model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, LoraLayer) and layer.fan_in_fan_out
+    pm.merge_adapter()
+    torch.testing.assert_close(pm(x).logits, before, atol=1e-5, rtol=0)
+
+
+def test_merge_twice_is_noop_and_unmerge_restores():
+    model = tiny_llama()
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    randomize_lora(pm)
+    w0 = pm.model.model.layers[0].mlp.up_proj.base_layer.weight.clone()
+    pm.merge_adapter()
+    w1 = pm.model.model.layers[0].mlp.up_proj.base_layer.weight.clone()
+    pm.merge_adapter()
+    assert torch.equal(pm.model.model.layers[0].mlp.up_proj.base_layer.weight, w1)
+    pm.unmerge_adapter()
+    torch.testing.assert_close(pm.model.model.layers[0].mlp.up_proj.base_layer.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_safe_merge_refuses_nan_and_changes_nothing():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    randomize_lora(pm)
+    with torch.no_grad():
+        pm.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight[0, 0] = float("nan")
+    before = _base_weights(pm.model)
+    with pytest.raises(LoraError, match="NaN/inf"):
+        pm.merge_adapter(safe_merge=True)
+    after = pm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
+    assert not any(l.merged for _, l in pm.lora_layers())
+
+
+def test_unload_returns_plain_modules():
+    model = tiny_llama()
+    x = ids()
+    ref = model(x).logits
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    randomize_lora(pm)
+    plain = pm.unload()
+    assert not any(isinstance(m, LoraLayer) for m in plain.modules())
+    torch.testing.assert_close(plain(x).logits, ref)
+    with pytest.raises(LoraError, match="unloaded"):
+        pm(x)
+
+
+def test_inference_mode_has_no_trainable_params():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, inference_mode=True))
+    assert pm.get_nb_trainable_parameters()[0] == 0
+
+
+def test_several_adapters_set_disable_delete():
+    model = tiny_llama()
+    x = ids()
+    ref = model(x).logits
+    pm = get_peft_model(model, LoraConfig(r=4))
+    pm.add_adapter("other", LoraConfig(r=2, target_modules=["k_proj"]))
+    randomize_lora(pm)
+    out_default = pm(x).logits
+    pm.set_adapter("other")
+    out_other = pm(x).logits
+    assert not torch.allclose(out_default, out_other)
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert trainable and all(".other." in n for n in trainable)
+    with pm.disable_adapter():
+        torch.testing.assert_close(pm(x).logits, ref)
+    torch.testing.assert_close(pm(x).logits, out_other)
+    pm.delete_adapter("other")
+    assert pm.active_adapter == "default"
+    torch.testing.assert_close(pm(x).logits, out_default)
+    with pytest.raises(LoraError, match="no adapter named 'other'"):
+        pm.set_adapter("other")
+    with pytest.raises(LoraError, match="exists already"):
+        pm.add_adapter("default", LoraConfig())
+    with pytest.raises(LoraError, match="not allowed"):
+        pm.add_adapter("a.b", LoraConfig())
+
+
+def test_add_adapter_with_bad_target_changes_nothing():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    structure = [n for n, _ in pm.named_modules()]
+    with pytest.raises(TargetError):
+        pm.add_adapter("bad", LoraConfig(target_modules=["q_proj", "nope"]))
+    assert [n for n, _ in pm.named_modules()] == structure and list(pm.peft_config) == ["default"]
+
+
+def test_per_row_adapters_in_one_batch():
+    model = tiny_llama()
+    x = ids(batch=3)
+    pm = get_peft_model(model, LoraConfig(r=4))
+    pm.add_adapter("b", LoraConfig(r=4))
+    randomize_lora(pm)
+    with torch.no_grad():
+        a_out = pm(x).logits
+        pm.set_adapter("b")
+        b_out = pm(x).logits
+        with pm.disable_adapter():
+            base = pm(x).logits
+        mixed = pm(x, adapter_names=["default", "b", "__base__"]).logits
+    torch.testing.assert_close(mixed[0], a_out[0])
+    torch.testing.assert_close(mixed[1], b_out[1])
+    torch.testing.assert_close(mixed[2], base[2])
+    with pytest.raises(LoraError, match="unknown adapters"):
+        pm(x, adapter_names=["zzz", "b", "b"])
+
+
+def test_modules_to_save_trains_a_copy():
+    model = tiny_llama()
+    head = model.lm_head.weight.clone()
+    pm = get_peft_model(model, LoraConfig(r=4, modules_to_save=["lm_head"]))
+    names = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert "model.lm_head.modules_to_save.default.weight" in names
+    assert "model.lm_head.original_module.weight" not in names
+    sd = pm.lora_state_dict()
+    assert torch.equal(sd["base_model.model.lm_head.weight"], head)
+
+
+def test_bias_all_trains_biases():
+    pm = get_peft_model(tiny_bloom(), LoraConfig(r=4, bias="all"))
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert any(n.endswith("dense_4h_to_h.bias") for n in trainable)
+    keys = pm.lora_state_dict().keys()
+    assert any(k.endswith("query_key_value.base_layer.bias") for k in keys)
+
+
+def test_embedding_targets_and_merge():
+    model = tiny_llama()
+    x = ids()
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    randomize_lora(pm)
+    out = pm(x).logits
+    merged = pm.merge_and_unload()
+    torch.testing.assert_close(merged(x).logits, out, atol=1e-5, rtol=0)
+
+
+def test_peft_style_attribute_access():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    assert pm.config.model_type == "llama"
+    assert pm.base_model.model is pm.model
+    with pytest.raises(LoraError, match="already has LoRA"):
+        LoraModel(pm, LoraConfig())
+
+
+def test_gaussian_and_false_init():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    x = ids()
+    ref = model(x).logits
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, init_lora_weights="gaussian"))
+    torch.testing.assert_close(pm(x).logits, ref)
+    pm2 = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, init_lora_weights=False))
+    assert not torch.allclose(pm2(x).logits, ref)

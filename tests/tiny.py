@@ -1,0 +1,41 @@
+"""Tiny models built in-process (no download) shared by the core tests."""
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llama(seed: int = 0, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bloom(seed: int = 0):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(seed)
+    return BloomForCausalLM(BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4)).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def ids(batch: int = 2, length: int = 7, vocab: int = 100, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def randomize_lora(model, seed: int = 3) -> None:
+    """Give every LoRA weight random values, so adapters change outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
