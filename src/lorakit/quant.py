@@ -1,0 +1,73 @@
+"""QLoRA: LoRA adapters over a 4-bit (NF4) base model, through bitsandbytes.
+
+The base weights are stored in 4 bits and dequantised block by block in each forward; the
+adapters stay in float32 and are the only trained weights. That cuts the base model's memory
+about 4x against bf16 (8x against fp32) at some cost in speed. Merging into 4-bit weights is
+refused: load the base in bf16/fp32, load the adapter on it, then merge.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LoraError
+
+__all__ = ["bnb_4bit_config", "prepare_for_kbit_training", "is_quantized_model"]
+
+
+def _require_bnb() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LoraError(
+            "4-bit loading needs bitsandbytes: pip install 'lorakit[qlora]' (or pip install bitsandbytes)."
+        ) from None
+
+
+def bnb_4bit_config(compute_dtype: str | torch.dtype = "float32", quant_type: str = "nf4",
+                    double_quant: bool = True) -> Any:
+    """transformers' BitsAndBytesConfig for QLoRA (NF4 weights, double quantisation of the scales).
+
+    compute_dtype: the dtype of the dequantised matmuls; bfloat16 on GPUs, float32 on CPUs
+    (bf16 is about 3x slower than fp32 on CPUs without AMX).
+    """
+    _require_bnb()
+    from transformers import BitsAndBytesConfig
+
+    if quant_type not in ("nf4", "fp4"):
+        raise LoraError(f"quant_type={quant_type!r} is unknown; use 'nf4' (QLoRA's choice) or 'fp4'.")
+    if isinstance(compute_dtype, str):
+        try:
+            compute_dtype = getattr(torch, compute_dtype)
+        except AttributeError:
+            raise LoraError(f"compute_dtype={compute_dtype!r} is not a torch dtype (use float32 or bfloat16).") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=double_quant)
+
+
+def is_quantized_model(model: nn.Module) -> bool:
+    return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
+
+
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
+    """Get a 4/8-bit model ready for LoRA training (call before get_peft_model).
+
+    Freezes every weight, keeps the remaining half-precision weights (norms, embeddings) in
+    float32 for stable training, and with ``gradient_checkpointing`` trades compute for memory:
+    activations are recomputed in backward, the main memory cost left once weights are 4-bit.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ not in ("Params4bit", "Int8Params"):
+            p.data = p.data.float()
+    if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        # the inputs of checkpointed blocks must require grad, or no gradient reaches the adapters
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

@@ -1,0 +1,66 @@
+"""QLoRA on the CPU: bitsandbytes >= 0.45 runs 4-bit Linear layers without a GPU."""
+import pytest
+import torch
+
+from lorakit import LoraConfig, LoraError, LoraModel, get_peft_model
+from lorakit.quant import bnb_4bit_config, is_quantized_model, prepare_for_kbit_training
+
+from tiny import ids
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny4bit")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(d)
+    return d
+
+
+def _load4bit(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_4bit_config(), device_map="cpu")
+
+
+def test_qlora_trains_saves_and_loads_on_full_precision_base(tmp_path, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = prepare_for_kbit_training(_load4bit(tiny_dir))
+    assert is_quantized_model(model)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    trainable, total = pm.get_nb_trainable_parameters()
+    assert trainable == 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 2 + (128 + 64))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    x = ids()
+    pm.train()
+    losses = []
+    for _ in range(5):
+        loss = pm(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with pytest.raises(LoraError, match="quantized"):
+        pm.merge_adapter()
+    pm.eval()
+    with torch.no_grad():
+        q_logits = pm(x).logits
+    pm.save_pretrained(tmp_path)
+    full = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    loaded = LoraModel.from_pretrained(full, tmp_path)
+    with torch.no_grad():
+        f_logits = loaded(x).logits
+    # same adapter on the unquantised base: close, not equal (NF4 rounding of the base)
+    assert (f_logits - q_logits).abs().max() < 0.5
+    merged = loaded.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, f_logits, atol=1e-5, rtol=0)
+
+
+def test_bad_quant_type():
+    with pytest.raises(LoraError, match="quant_type"):
+        bnb_4bit_config(quant_type="int3")
