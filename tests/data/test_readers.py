@@ -216,3 +216,24 @@ def test_hub_name_with_subset_syntax_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match=r"ought/raft \(twitter_complaints\)\[train\] is not cached locally"):
         load_records("ought/raft:twitter_complaints")
+
+
+def test_classlabel_column_uses_the_datasets_names(tmp_path):
+    # the hub RAFT layout: ClassLabel(names=["Unlabeled", "complaint", "no complaint"])
+    import datasets
+
+    feats = datasets.Features({"Tweet text": datasets.Value("string"),
+                               "Label": datasets.ClassLabel(names=["Unlabeled", "complaint", "no complaint"])})
+    ds = datasets.Dataset.from_dict({"Tweet text": ["a", "b", "c"], "Label": [1, 2, 0]}, features=feats)
+    ds.save_to_disk(str(tmp_path / "raft"))
+    recs = load_records(tmp_path / "raft", label_column="Label", label_names=["complaint", "no complaint"])
+    assert [r["Label"] for r in recs] == ["complaint", "no complaint"] and recs.n_unlabeled == 1
+    # a plain ClassLabel (no "unlabeled" class): code k -> names[k]
+    feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    datasets.Dataset.from_dict({"text": ["x", "y"], "label": [0, 1]}, features=feats).save_to_disk(str(tmp_path / "s"))
+    assert [r["label"] for r in load_records(tmp_path / "s", label_column="label")] == ["neg", "pos"]
+
+
+def test_slices_keep_locations(shared_data):
+    recs = load_records(RAFT_DIR / "train.csv", label_column="Label")[10:12]
+    assert recs.location(0).endswith("row 11 (line 12)") and len(recs) == 2

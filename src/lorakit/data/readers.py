@@ -9,7 +9,8 @@ Supported sources:
   * a folder saved by ``Dataset.save_to_disk`` (``split`` picks the split of a DatasetDict)
   * a hub name (``"tatsu-lab/alpaca"``, ``"ought/raft"`` with ``subset="twitter_complaints"``
     or ``"ought/raft:twitter_complaints"``): ``datasets.load_dataset(name, subset, split=split)``;
-    works from the local cache when offline.
+    works from the local cache when offline. A ``ClassLabel`` column from ``datasets`` is turned into
+    its names (the hub RAFT's ``["Unlabeled", "complaint", "no complaint"]``: 0 -> unlabeled).
 
 Every record keeps where it came from (``Records.locations[i]``, e.g. ``"train.csv row 5 (line 6)"``)
 so later errors (a missing field while rendering a prompt) can name the row.
@@ -53,6 +54,12 @@ class Records(list):
 
     def location(self, i: int) -> str:
         return self.locations[i] if i < len(self.locations) else f"{self.source} record {i}"
+
+    def __getitem__(self, i):  # a slice keeps the locations, so errors on a subset name the right rows
+        if isinstance(i, slice):
+            return Records(super().__getitem__(i), source=self.source, locations=self.locations[i],
+                           n_unlabeled=self.n_unlabeled)
+        return super().__getitem__(i)
 
 
 def load_records(source: str | os.PathLike, *, split: str = "train", columns: Sequence[str] | None = None,
@@ -232,7 +239,17 @@ def _read_saved_dataset(path: Path, split: str) -> tuple[list[dict], list[str], 
 
 
 def _rows_from_dataset(ds: Any, name: str) -> tuple[list[dict], list[str]]:
+    """Rows of a ``datasets.Dataset``; a ClassLabel column's integers become its own names (the
+    dataset's names are authoritative), with -1 and a class named "unlabeled" (RAFT's 0) -> None."""
     rows = [dict(r) for r in ds]
+    features = getattr(ds, "features", None) or {}
+    class_names = {c: f.names for c, f in features.items() if type(f).__name__ == "ClassLabel"}
+    for row in rows:
+        for col, names in class_names.items():
+            v = row.get(col)
+            if isinstance(v, int) and not isinstance(v, bool):
+                row[col] = None if not 0 <= v < len(names) or names[v].strip().casefold() == "unlabeled" \
+                    else names[v]
     return rows, [f"{name} row {i}" for i in range(len(rows))]
 
 
