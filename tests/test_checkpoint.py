@@ -131,3 +131,14 @@ def test_pickle_only_with_consent(tmp_path):
 def test_missing_folder(tmp_path):
     with pytest.raises(AdapterLoadError, match="does not exist"):
         LoraModel.from_pretrained(tiny_llama(), tmp_path / "nope")
+
+
+def test_other_base_model_name_warns(tmp_path):
+    _saved(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "org/model-a"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    model = tiny_llama()
+    model.config._name_or_path = "org/model-b"
+    with pytest.warns(UserWarning, match="made for 'org/model-a'"):
+        LoraModel.from_pretrained(model, tmp_path)

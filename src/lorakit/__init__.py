@@ -27,6 +27,8 @@ _EXPORTS = {
     "AdapterLoadError": "errors",
     "DataError": "errors",
     "TrainingError": "errors",
+    "bnb_4bit_config": "quant",
+    "prepare_for_kbit_training": "quant",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -36,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .dryrun import DryRunReport, dry_run
     from .errors import AdapterLoadError, ConfigError, DataError, LoraError, TargetError, TrainingError
     from .model import LoraModel, PeftModel, get_peft_model
+    from .quant import bnb_4bit_config, prepare_for_kbit_training
     from .targets import DEFAULT_TARGET_MODULES, default_target_modules
 
 

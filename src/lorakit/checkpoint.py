@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import tempfile
 from typing import TYPE_CHECKING
 
@@ -93,3 +94,14 @@ def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tu
     else:
         raise AdapterLoadError(f"no adapter weights in {directory}: expected {WEIGHTS_NAME}.")
     return config, weights
+
+
+def warn_if_other_base(config: LoraConfig, model, directory: str) -> None:
+    """Shapes catch most mismatches; a differing recorded base-model name catches the rest (a warning:
+    a local path and a hub name can mean the same model)."""
+    made_for = config.base_model_name_or_path
+    this = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if made_for and this and os.path.basename(made_for.rstrip("/")) != os.path.basename(str(this).rstrip("/")):
+        warnings.warn(
+            f"adapter in {directory} was made for {made_for!r} but is loaded on {this!r}; its shapes fit, "
+            f"but its weights were trained on another model.", stacklevel=3)

@@ -351,7 +351,7 @@ class LoraModel(nn.Module):
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
                      allow_pickle: bool = False) -> None:
         """Load a PEFT-format adapter folder as a new adapter (checked completely before any change)."""
-        from .checkpoint import read_adapter
+        from .checkpoint import read_adapter, warn_if_other_base
 
         self._check_live()
         if adapter_name in self.peft_config:
@@ -365,6 +365,7 @@ class LoraModel(nn.Module):
         except LoraError as e:
             raise AdapterLoadError(f"adapter at {adapter_dir} does not fit this model: {e}") from None
         check_state_dict(weights, plan.expected_keys(), what=f"adapter file in {adapter_dir}")
+        warn_if_other_base(config, self.model, os.fspath(adapter_dir))
         self.add_adapter(adapter_name, config)
         self.load_lora_state_dict(weights, adapter_name)
 
@@ -372,7 +373,7 @@ class LoraModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, allow_pickle: bool = False, **_ignored) -> "LoraModel":
         """Wrap ``model`` with the adapter saved in ``adapter_dir`` (peft's ``PeftModel.from_pretrained``)."""
-        from .checkpoint import read_adapter
+        from .checkpoint import read_adapter, warn_if_other_base
 
         config, weights = read_adapter(adapter_dir, allow_pickle=allow_pickle)
         config = config.replace(inference_mode=not is_trainable)
@@ -381,6 +382,7 @@ class LoraModel(nn.Module):
         except LoraError as e:
             raise AdapterLoadError(f"adapter at {adapter_dir} does not fit this model: {e}") from None
         check_state_dict(weights, plan.expected_keys(), what=f"adapter file in {adapter_dir}")
+        warn_if_other_base(config, model, os.fspath(adapter_dir))
         out = cls(model, config, adapter_name)
         out.load_lora_state_dict(weights, adapter_name)
         return out
