@@ -117,6 +117,20 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path):
     assert list(target.parent.iterdir()) == []  # no temporary folder left either
 
 
+def test_stale_temporary_folders_are_swept(tmp_path):
+    import os
+
+    old = tmp_path / ".x.tmp-old"
+    live = tmp_path / ".x.tmp-live"
+    other = tmp_path / "unrelated"
+    for path in (old, live, other):
+        path.mkdir()
+    os.utime(old, (0, 0))
+    os.utime(other, (0, 0))
+    emb._remove_stale_temps(tmp_path / "x")
+    assert not old.exists() and live.exists() and other.exists()
+
+
 def test_move_into_place_keeps_a_finished_rival_and_replaces_a_partial_folder(tmp_path):
     def folder(name, complete, content):
         path = tmp_path / name

@@ -119,6 +119,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         start = time.perf_counter()
@@ -150,6 +151,17 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _remove_stale_temps(target: Path, max_age_s: float = 3600.0) -> None:
+    """Delete temporary folders that a killed conversion left behind (old enough not to be live)."""
+    now = time.time()
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            if now - leftover.stat().st_mtime > max_age_s:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:
