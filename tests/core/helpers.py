@@ -1,0 +1,183 @@
+"""Tiny models of every family lorakit has a default target table entry for, built in-process.
+
+Each builder returns a freshly initialised transformers model (hidden 16-32, 1-2 layers,
+vocab ~100) and :func:`batch_for` gives a matching input batch. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+
+VOCAB = 100
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread: on a busy 2-core machine, thread start-up and spin waits
+    made a 2 ms forward take 250 ms. Import this fixture into a test module to use it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How to build a tiny model of one transformers ``model_type``."""
+
+    name: str              # transformers model_type (the key of lorakit's default target table)
+    config_cls: str        # transformers config class name
+    model_cls: str         # transformers model class name (the head used for the test)
+    kind: str              # "causal" | "seq2seq" | "seq_cls" | "vision2seq"
+    config: dict[str, Any]  # config kwargs
+
+    @property
+    def task_type(self) -> str:
+        return {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS",
+                "vision2seq": "CAUSAL_LM"}[self.kind]
+
+
+_DEC = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_ENC = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64, pad_token_id=0, num_labels=3,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    # --- the seed's table -----------------------------------------------------------------
+    Family("t5", "T5Config", "T5ForConditionalGeneration", "seq2seq",
+           dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
+    Family("mt5", "MT5Config", "MT5ForConditionalGeneration", "seq2seq",
+           dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
+    Family("bart", "BartConfig", "BartForConditionalGeneration", "seq2seq",
+           dict(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                decoder_start_token_id=2)),
+    Family("gpt2", "GPT2Config", "GPT2LMHeadModel", "causal",
+           dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)),
+    Family("bloom", "BloomConfig", "BloomForCausalLM", "causal",
+           dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2, hidden_dropout=0.0, attention_dropout=0.0)),
+    Family("blip-2", "Blip2Config", "Blip2ForConditionalGeneration", "vision2seq", dict(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=16, patch_size=8),
+        qformer_config=dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=64,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        text_config=dict(model_type="opt", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32,
+                         dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        num_query_tokens=4, image_token_index=VOCAB - 1)),
+    Family("opt", "OPTConfig", "OPTForCausalLM", "causal",
+           dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)),
+    Family("gptj", "GPTJConfig", "GPTJForCausalLM", "causal",
+           dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)),
+    Family("gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM", "causal",
+           dict(_DEC, hidden_dropout=0.0, attention_dropout=0.0)),
+    Family("gpt_neo", "GPTNeoConfig", "GPTNeoForCausalLM", "causal",
+           dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=64,
+                attention_types=[[["global", "local"], 1]], window_size=8, embed_dropout=0.0,
+                attention_dropout=0.0, resid_dropout=0.0, bos_token_id=1, eos_token_id=2)),
+    Family("bert", "BertConfig", "BertForSequenceClassification", "seq_cls", dict(_ENC)),
+    Family("roberta", "RobertaConfig", "RobertaForSequenceClassification", "seq_cls", dict(_ENC, pad_token_id=1)),
+    Family("xlm-roberta", "XLMRobertaConfig", "XLMRobertaForSequenceClassification", "seq_cls",
+           dict(_ENC, pad_token_id=1)),
+    Family("electra", "ElectraConfig", "ElectraForSequenceClassification", "seq_cls",
+           dict(_ENC, embedding_size=16)),
+    Family("deberta-v2", "DebertaV2Config", "DebertaV2ForSequenceClassification", "seq_cls",
+           dict(_ENC, pooler_dropout=0.0, pooler_hidden_size=32, relative_attention=True,
+                pos_att_type=["p2c", "c2p"], max_relative_positions=16)),
+    Family("deberta", "DebertaConfig", "DebertaForSequenceClassification", "seq_cls",
+           dict(_ENC, pooler_dropout=0.0, pooler_hidden_size=32, relative_attention=True,
+                pos_att_type=["p2c", "c2p"], max_relative_positions=16)),
+    Family("layoutlm", "LayoutLMConfig", "LayoutLMForSequenceClassification", "seq_cls", dict(_ENC)),
+    Family("llama", "LlamaConfig", "LlamaForCausalLM", "causal", dict(_DEC, num_key_value_heads=2)),
+    Family("gpt_bigcode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM", "causal",
+           dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)),
+    Family("mpt", "MptConfig", "MptForCausalLM", "causal",
+           dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=64,
+                resid_pdrop=0.0, emb_pdrop=0.0)),  # attention dropout is 0 by default
+    # --- today's families ------------------------------------------------------------------
+    Family("mistral", "MistralConfig", "MistralForCausalLM", "causal", dict(_DEC, num_key_value_heads=2)),
+    Family("mixtral", "MixtralConfig", "MixtralForCausalLM", "causal",
+           dict(_DEC, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)),
+    Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "causal", dict(_DEC, num_key_value_heads=2)),
+    Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM", "causal", dict(_DEC, num_key_value_heads=2, head_dim=8)),
+    Family("gemma", "GemmaConfig", "GemmaForCausalLM", "causal", dict(_DEC, num_key_value_heads=2, head_dim=8)),
+    Family("gemma2", "Gemma2Config", "Gemma2ForCausalLM", "causal",
+           dict(_DEC, num_key_value_heads=2, head_dim=8, sliding_window=8)),
+    Family("phi", "PhiConfig", "PhiForCausalLM", "causal",
+           dict(_DEC, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)),
+    Family("falcon", "FalconConfig", "FalconForCausalLM", "causal",
+           dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2)),
+    Family("stablelm", "StableLmConfig", "StableLmForCausalLM", "causal", dict(_DEC, num_key_value_heads=2)),
+]}
+
+
+def build(family: str, seed: int = 0) -> torch.nn.Module:
+    """A freshly initialised tiny model of ``family`` in eval mode (dropout off), built from ``seed``."""
+    import transformers
+
+    fam = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, fam.config_cls)(**fam.config)
+    model = getattr(transformers, fam.model_cls)(config)
+    return model.eval()
+
+
+def batch_for(family: str, seed: int = 1, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
+    """Inputs (with labels, so the output has a loss) for a tiny model of ``family``."""
+    fam = FAMILIES[family]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB - 2, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    if fam.kind == "causal":
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+    if fam.kind == "seq2seq":
+        dec = torch.randint(3, VOCAB - 2, (batch, 5), generator=g)
+        return {"input_ids": ids, "attention_mask": mask, "labels": dec}
+    if fam.kind == "seq_cls":
+        labels = torch.randint(0, fam.config["num_labels"], (batch,), generator=g)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    # vision2seq (BLIP-2): image tokens in front of the text, one per query token
+    n_query = fam.config["num_query_tokens"]
+    img = torch.full((batch, n_query), fam.config["image_token_index"])
+    ids = torch.cat([img, ids], dim=1)
+    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g), "input_ids": ids,
+            "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits for ``batch`` without gradients."""
+    with torch.no_grad():
+        return model(**batch).logits.detach().clone()
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5) -> None:
+    """``atol`` on logits scaled to at most 1 in size: float32 rounding grows with the logits (mT5's reach ~30)."""
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(actual / scale, expected / scale, atol=atol, rtol=0)
+
+
+def perturb_lora(model: torch.nn.Module, seed: int = 3, scale: float = 0.5) -> None:
+    """Give every LoRA B (and embedding A) random values, and nudge saved heads, so the adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+            elif ".modules_to_save." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
