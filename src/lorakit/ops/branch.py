@@ -1,0 +1,31 @@
+"""lora_delta: the LoRA branch scaling * B(A(dropout(x))), arranged to touch big tensors least.
+
+With x [N, in], A [r, in], B [out, r], mask m and keep rate 1-p:
+
+    delta = ((x * m) @ A.T * (scaling / (1-p))) @ B.T
+
+Both scale factors multiply the small [N, r] product instead of an [N, in] or [N, out]
+tensor, and ``x * m`` is computed once per input tensor and shared by every module reading
+it (SharedDropout), so backward saves one dropped activation per input instead of one float
+copy plus one mask per module.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dropout import SharedDropout
+
+__all__ = ["lora_delta"]
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+               dropout: nn.Module | None) -> torch.Tensor:
+    """scaling * B(A(dropout(x))) with x [..., in], A [r, in], B [out, r]."""
+    factor = float(scaling)
+    if isinstance(dropout, SharedDropout):
+        x, keep_scale = dropout.drop(x)
+        factor *= keep_scale
+    elif dropout is not None:
+        x = dropout(x)
+    return (x.to(A.dtype) @ A.t() * factor) @ B.t()

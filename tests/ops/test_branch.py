@@ -1,0 +1,78 @@
+import pytest
+import torch
+from torch import nn
+
+from lorakit.ops import SharedDropout, lora_delta
+
+
+def _params(n_in=12, n_out=10, r=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(r, n_in, generator=g, dtype=torch.float64).requires_grad_()
+    B = torch.randn(n_out, r, generator=g, dtype=torch.float64).requires_grad_()
+    x = torch.randn(3, 5, n_in, generator=g, dtype=torch.float64).requires_grad_()
+    return x, A, B
+
+
+def _grads(out, *ts):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    return torch.autograd.grad((out * w).sum(), ts)
+
+
+@pytest.mark.parametrize("dropout", [None, "p0", "eval"])
+def test_no_dropout_equals_plain_formula(dropout):
+    x, A, B = _params()
+    d = {None: None, "p0": SharedDropout(0.0), "eval": SharedDropout(0.3).eval()}[dropout]
+    out = lora_delta(x, A, B, 2.5, d)
+    ref = (x @ A.t() @ B.t()) * 2.5
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, gr in zip(_grads(out, x, A, B), _grads(ref, x, A, B)):
+        torch.testing.assert_close(g, gr, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_dropout0_matches_reference_exactly_enough():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 96, generator=g)
+    A, B = torch.randn(8, 96, generator=g), torch.randn(40, 8, generator=g)
+    torch.testing.assert_close(lora_delta(x, A, B, 4.0, None), x @ A.t() @ B.t() * 4.0)
+
+
+def test_other_dropout_modules_are_called():
+    x, A, B = _params()
+    out = lora_delta(x, A, B, 1.0, nn.Identity())
+    torch.testing.assert_close(out, x @ A.t() @ B.t())
+
+
+def test_dropout_forward_and_grads_equal_explicit_masked_formula():
+    p, s = 0.25, 3.0
+    x, A, B = _params(n_in=64, n_out=32)
+    d = SharedDropout(p).train()
+    out = lora_delta(x, A, B, s, d)
+    dropped, _ = d.drop(x)                       # same tensor -> the cached dropped input
+    mask = (dropped != 0).to(x.dtype)            # x is Gaussian: no exact zeros
+    ref = ((x * mask / (1 - p)) @ A.t() @ B.t()) * s
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, gr in zip(_grads(out, x, A, B), _grads(ref, x, A, B)):
+        torch.testing.assert_close(g, gr, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_mask_sums_gradients_of_all_readers():
+    p = 0.5
+    x, A, B = _params(n_in=32, n_out=16)
+    _, A2, B2 = _params(n_in=32, n_out=16, seed=9)
+    d = SharedDropout(p).train()
+    out = lora_delta(x, A, B, 2.0, d) + lora_delta(x, A2, B2, 0.5, d)
+    mask = (d.drop(x)[0] != 0).to(x.dtype)
+    xd = x * mask / (1 - p)
+    ref = xd @ A.t() @ B.t() * 2.0 + xd @ A2.t() @ B2.t() * 0.5
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, gr in zip(_grads(out, x, A, B, A2, B2), _grads(ref, x, A, B, A2, B2)):
+        torch.testing.assert_close(g, gr, rtol=1e-12, atol=1e-12)
+
+
+def test_input_without_grad_still_trains_A_and_B():
+    x, A, B = _params()
+    x = x.detach()
+    d = SharedDropout(0.2).train()
+    gA, gB = torch.autograd.grad(lora_delta(x, A, B, 1.0, d).sum(), (A, B))
+    assert gA.abs().sum() > 0 and gB.abs().sum() > 0

@@ -1,0 +1,80 @@
+import torch
+import torch.utils.checkpoint as cp
+
+from lorakit.ops import SharedDropout, lora_delta
+
+
+def _mask(d, x):
+    return d.drop(x)[0] != 0
+
+
+def test_forward_is_dropout_with_scale():
+    torch.manual_seed(0)
+    d = SharedDropout(0.2).train()
+    x = torch.randn(400, 500) + 10.0           # no zeros
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.01
+    torch.testing.assert_close(y[kept], x[kept] / 0.8)
+
+
+def test_same_seed_reproduces_masks():
+    d = SharedDropout(0.3).train()
+    x1, x2 = torch.randn(50, 60), torch.randn(50, 60)
+    torch.manual_seed(42)
+    m1 = _mask(d, x1)
+    torch.manual_seed(42)
+    m2 = _mask(d, x2)
+    assert torch.equal(m1, m2)
+
+
+def test_masks_differ_between_steps():
+    torch.manual_seed(0)
+    d = SharedDropout(0.3).train()
+    masks = [_mask(d, torch.randn(50, 60)) for _ in range(3)]   # each step has new tensors
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+def test_mask_shared_only_for_the_same_unmodified_tensor():
+    torch.manual_seed(0)
+    d = SharedDropout(0.5).train()
+    x = torch.randn(40, 70)
+    first = d.drop(x)[0]
+    assert d.drop(x)[0] is first                                   # same tensor: reused
+    assert not torch.equal(_mask(d, x.clone()), first != 0)       # equal values, other tensor
+    y = torch.randn(40, 70)
+    my = _mask(d, y)
+    y.mul_(2.0)                                                    # in-place change: fresh mask
+    assert not torch.equal(_mask(d, y), my)
+
+
+def test_eval_and_p0_are_identity():
+    x = torch.randn(5, 6)
+    assert SharedDropout(0.4).eval()(x) is x
+    assert SharedDropout(0.0).train()(x) is x
+
+
+def test_checkpoint_recomputation_regenerates_the_same_mask():
+    torch.manual_seed(0)
+    d = SharedDropout(0.5).train()
+    A = torch.randn(4, 32, requires_grad=True)
+    B = torch.randn(8, 4, requires_grad=True)
+    x = torch.randn(16, 32, requires_grad=True)
+    seen = []
+
+    def block(h):
+        hh = h * 1.0
+        seen.append(_mask(d, hh))      # before the matmuls: recomputation stops after them
+        return lora_delta(hh, A, B, 2.0, d)
+
+    state = torch.get_rng_state()
+    out = cp.checkpoint(block, x, use_reentrant=False)
+    (out ** 2).sum().backward()
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+    # the gradients equal a run without checkpointing from the same RNG state
+    g = (x.grad.clone(), A.grad.clone())
+    x.grad = A.grad = None
+    torch.set_rng_state(state)
+    d.clear()
+    (block(x) ** 2).sum().backward()
+    torch.testing.assert_close((x.grad, A.grad), g)
