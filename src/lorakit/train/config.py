@@ -48,11 +48,13 @@ class DataSection:
     eval_fraction: float = _f(0.0, "Fraction of the training records held out for evaluation when `eval` is None "
                               "(0 = no held-out evaluation).")
     template: str = _f("human_assistant", "Prompt template: human_assistant, classification, chat or alpaca.")
-    template_args: dict = _f({}, "Extra keyword arguments for the template, e.g. {text_column: 'Tweet text'}.")
-    columns: Optional[dict] = _f(None, "Rename columns on load, {name_in_file: name_the_template_expects}.")
+    template_args: dict = _f({}, "Template options, e.g. {text_column: 'Tweet text'} (classification also gets "
+                             "label_column from data.label_column unless given here).")
+    subset: Optional[str] = _f(None, "Hub dataset configuration / subset, e.g. twitter_complaints for ought/raft.")
+    columns: Optional[tuple] = _f(None, "Keep only these columns (each must exist in every record); None = all.")
     label_column: Optional[str] = _f(None, "Column holding the class label (classification data).")
-    label_names: tuple = _f((), "Class names in order; integer labels are mapped through this list. Setting it "
-                            "makes the recipe a classification recipe (accuracy is reported).")
+    label_names: tuple = _f((), "Class names in order; integer labels k map to label_names[k-1] (RAFT codes). "
+                            "Empty: read from a task.json beside the file, else the distinct labels of train.")
     max_length: int = _f(256, "Maximum tokens per example (prompt + answer); longer ones are truncated.")
     max_train_samples: Optional[int] = _f(None, "Use at most this many training records (None = all).")
     max_eval_samples: Optional[int] = _f(None, "Use at most this many evaluation records (None = all).")
@@ -102,8 +104,8 @@ class EvalSection:
 
     every_steps: Optional[int] = _f(None, "Evaluate every N optimizer steps (None = only at the end).")
     batch_size: int = _f(16, "Batch size for evaluation.")
-    accuracy: Optional[bool] = _f(None, "Report generation accuracy on the eval records (None = when label_names "
-                                  "is set). Slower than the loss: it generates an answer per record.")
+    accuracy: Optional[bool] = _f(None, "Report generation accuracy on the eval records (None = for classification "
+                                  "recipes: template classification or label_names set). Slower than the loss: it generates an answer per record.")
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ class TrainConfig:
 
     @property
     def is_classification(self) -> bool:
-        return bool(self.data.label_names)
+        return self.data.template == "classification" or bool(self.data.label_names)
 
     @property
     def wants_accuracy(self) -> bool:

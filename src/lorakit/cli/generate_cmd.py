@@ -1,0 +1,56 @@
+"""lorakit generate --model M [--adapter DIR] --prompt TEXT"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lorakit.cli.common import add_model_args, add_sampling_args
+
+HELP = "generate a completion for a prompt"
+DESCRIPTION = """Generate text from a base model, optionally with an adapter.
+
+The prompt is sent as is (plain completion), or wrapped in the model's chat template with --chat.
+Prompts come from --prompt, positional arguments, or stdin (`-`).
+
+examples:
+  lorakit generate --model embedded --adapter outputs/demo/adapter --prompt "Ticket : my card was charged twice Label : "
+  lorakit generate --model embedded --chat --prompt "Name three colours." """
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable).")
+    p.add_argument("prompts", nargs="*", help="more prompts; `-` reads one prompt from stdin.")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template.")
+    p.add_argument("--system", help="system message (with --chat).")
+    add_sampling_args(p, max_new_tokens=64)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.errors import ConfigError
+
+    prompts = list(args.prompt) + [sys.stdin.read() if x == "-" else x for x in args.prompts]
+    if not prompts:
+        raise ConfigError("no prompt given: pass --prompt TEXT (or TEXT, or - for stdin)")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    import torch
+
+    from lorakit.cli.common import generate_text, load_model
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args)
+    for i, prompt in enumerate(prompts):
+        if args.chat:
+            from lorakit.cli.chat_cmd import chat_ids
+
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            ids = chat_ids(tokenizer, messages + [{"role": "user", "content": prompt}])
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        text = generate_text(model, tokenizer, ids, args.max_new_tokens, args.temperature, args.top_p)
+        if len(prompts) > 1:
+            print(f"### prompt {i + 1}: {prompt}")
+        print(text)
+    return 0

@@ -1,0 +1,58 @@
+"""`lorakit` entry point: argparse with one sub-parser per command, lazily run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from lorakit.cli import chat_cmd, demo_cmd, eval_cmd, generate_cmd, inspect_cmd, merge_cmd, train_cmd
+
+COMMANDS = {
+    "train": train_cmd,
+    "eval": eval_cmd,
+    "generate": generate_cmd,
+    "chat": chat_cmd,
+    "merge": merge_cmd,
+    "inspect": inspect_cmd,
+    "demo": demo_cmd,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit", description="LoRA fine-tuning for transformer language models.",
+        epilog="Run `lorakit COMMAND --help` for the options of each command. Model names: a local folder, "
+               "a hub id (offline: must be cached), or `embedded` (the bundled SmolLM2-135M-Instruct).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    from lorakit.errors import LoraError, TrainingError
+
+    try:
+        return int(args._run(args) or 0)
+    except (LoraError, TrainingError) as e:
+        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:
+        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

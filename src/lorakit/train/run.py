@@ -1,0 +1,205 @@
+"""From a recipe to a trained adapter: load model + data, wrap with LoRA, run the loop, write outputs.
+
+`prepare(cfg)` does everything up to the first step and returns a `Setup` (the CLI's `eval` and
+`demo` reuse it); `train(cfg)` = prepare + train_loop + the final artefacts (adapter, merged model,
+resolved recipe, loss plot).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from lorakit.errors import ConfigError, DataError
+from lorakit.train.config import TrainConfig
+from lorakit.train.loop import TrainResult, train_loop
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_source(source: str) -> str:
+    """`builtin:NAME` -> the file shipped in lorakit/data/builtin; anything else unchanged."""
+    if not source.startswith(BUILTIN_PREFIX):
+        return source
+    import lorakit.data.builtin as builtin
+
+    path = Path(builtin.__file__).resolve().parent / source[len(BUILTIN_PREFIX):]
+    if not path.is_file():
+        shipped = sorted(p.name for p in path.parent.glob("*.json*"))
+        raise DataError(f"{source}: no such built-in data file; built-in files: {shipped}")
+    return str(path)
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built from a recipe."""
+
+    cfg: TrainConfig
+    model: Any                      # LoraModel (or the base model for evaluation-only uses)
+    tokenizer: Any
+    template: Any
+    train_records: list
+    eval_records: list
+    label_names: tuple
+    train_data: Any = None          # TokenizedDataset
+    eval_data: Any = None
+    collator: Any = None
+    notes: list = field(default_factory=list)   # what was truncated / dropped, for the user
+
+
+def load_base(cfg: TrainConfig):
+    from lorakit.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, device="cpu",
+                                    trust_remote_code=cfg.model.trust_remote_code)
+
+
+def lora_config(cfg: TrainConfig):
+    from lorakit import LoraConfig, TaskType
+
+    targets = list(cfg.lora.target_modules) if cfg.lora.target_modules else None
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                      lora_dropout=cfg.lora.dropout, target_modules=targets, bias=cfg.lora.bias,
+                      base_model_name_or_path=cfg.model.name)
+
+
+def make_template(cfg: TrainConfig):
+    from lorakit.data import get_template
+
+    kw = dict(cfg.data.template_args)
+    if cfg.data.template == "classification" and cfg.data.label_column and "label_column" not in kw:
+        kw["label_column"] = cfg.data.label_column
+    return get_template(cfg.data.template, **kw)
+
+
+def _subset(records: list, n: Optional[int], seed: int) -> list:
+    if n is None or n >= len(records):
+        return records
+    idx = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in idx]
+
+
+def load_data(cfg: TrainConfig, train: bool = True) -> tuple[list, list, tuple]:
+    """(train records, eval records, label names) as the recipe describes them."""
+    from lorakit.data import load_records
+
+    d = cfg.data
+    if not d.train and not d.eval:
+        raise ConfigError("data.train is empty; set it in the recipe or with --set data.train=PATH")
+    kw = dict(columns=list(d.columns) if d.columns else None, label_column=d.label_column,
+              label_names=list(d.label_names) if d.label_names else None, subset=d.subset)
+    train_records: list = []
+    if d.train and (train or not d.eval):
+        train_records = list(load_records(resolve_source(d.train), split=d.train_split, **kw))
+    if d.eval:
+        eval_records = list(load_records(resolve_source(d.eval), split=d.eval_split, **kw))
+    elif d.eval_fraction > 0 and train_records:
+        order = list(range(len(train_records)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = max(1, round(d.eval_fraction * len(order)))
+        held = set(order[:n_eval])
+        eval_records = [train_records[i] for i in sorted(held)]
+        train_records = [r for i, r in enumerate(train_records) if i not in held]
+    else:
+        eval_records = []
+    labels = tuple(d.label_names)
+    if not labels and d.label_column:  # from all records, before any subsetting
+        seen = [r.get(d.label_column) for r in train_records + eval_records]
+        labels = tuple(sorted({str(v) for v in seen if v is not None}))
+    train_records = _subset(train_records, d.max_train_samples, cfg.train.seed)
+    eval_records = _subset(eval_records, d.max_eval_samples, cfg.train.seed + 1)
+    if cfg.wants_accuracy and not labels:
+        raise ConfigError("accuracy needs the label set: set data.label_column (and data.label_names), or "
+                          "--set eval.accuracy=false")
+    return train_records, eval_records, labels
+
+
+def prepare(cfg: TrainConfig, *, with_lora: bool = True, print_fn: Callable[[str], None] = print) -> Setup:
+    import torch
+
+    from lorakit.data import Collator, tokenize_records
+
+    train_records, eval_records, labels = load_data(cfg)
+    if not train_records:
+        raise DataError(f"no training records in {cfg.data.train!r}")
+    model, tokenizer = load_base(cfg)
+    template = make_template(cfg)
+    notes = []
+    train_data = tokenize_records(train_records, template, tokenizer, cfg.data.max_length)
+    eval_data = tokenize_records(eval_records, template, tokenizer, cfg.data.max_length) if eval_records else None
+    for name, ds in (("train", train_data), ("eval", eval_data)):
+        if ds is not None and (ds.n_truncated or ds.n_dropped):
+            notes.append(f"{name}: {ds.n_truncated} example(s) truncated to data.max_length={cfg.data.max_length}, "
+                         f"{ds.n_dropped} dropped")
+    if with_lora:
+        from lorakit import get_peft_model
+
+        torch.manual_seed(cfg.train.seed)  # the LoRA A init
+        model = get_peft_model(model, lora_config(cfg))
+    return Setup(cfg=cfg, model=model, tokenizer=tokenizer, template=template, train_records=train_records,
+                 eval_records=eval_records, label_names=labels, train_data=train_data, eval_data=eval_data,
+                 collator=Collator(tokenizer.pad_token_id), notes=notes)
+
+
+def accuracy_eval(setup: Setup) -> Callable[[Any], dict]:
+    """An `extra_eval` for the loop: generation accuracy on the eval records (keeps the last report)."""
+    from lorakit.eval import classification_eval
+
+    def run(model: Any) -> dict:
+        report = classification_eval(model, setup.tokenizer, setup.eval_records, setup.template, setup.label_names,
+                                     batch_size=setup.cfg.eval.batch_size)
+        run.last_report = report
+        return {"eval_accuracy": report.accuracy}
+
+    run.last_report = None
+    return run
+
+
+@dataclass
+class RunOutputs:
+    result: TrainResult
+    setup: Setup
+    merged_dir: Optional[Path] = None
+    report: Any = None              # the last ClassificationReport, when accuracy was measured
+
+
+def train(cfg: TrainConfig, *, resume: str | Path | None = None, output_dir: str | Path | None = None,
+          setup: Optional[Setup] = None, print_fn: Callable[[str], None] = print) -> RunOutputs:
+    """Run a recipe end to end; see the module docstring."""
+    from lorakit.train.recipe import dump_recipe
+
+    setup = setup or prepare(cfg, print_fn=print_fn)
+    out = Path(output_dir or cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_recipe(cfg, out / "recipe.yaml")
+    for note in setup.notes:
+        print_fn(note)
+    trainable, total = setup.model.get_nb_trainable_parameters()
+    print_fn(f"model {cfg.model.name}: {trainable:,d} trainable of {total:,d} parameters "
+             f"({100 * trainable / total:.3f}%); {len(setup.train_data)} train / "
+             f"{len(setup.eval_data) if setup.eval_data is not None else 0} eval examples")
+    extra = accuracy_eval(setup) if cfg.wants_accuracy and setup.eval_records else None
+    result = train_loop(setup.model, setup.train_data.examples, setup.collator, cfg, out,
+                        eval_examples=setup.eval_data.examples if setup.eval_data is not None else None,
+                        extra_eval=extra, resume=resume, print_fn=print_fn)
+    setup.tokenizer.save_pretrained(result.adapter_dir or out)
+    merged_dir = None
+    if cfg.output.merge:
+        merged_dir = save_merged(setup.model, setup.tokenizer, out / "merged")
+    return RunOutputs(result=result, setup=setup, merged_dir=merged_dir,
+                      report=extra.last_report if extra is not None else None)
+
+
+def save_merged(model: Any, tokenizer: Any, out_dir: Path) -> Path:
+    """Fold the adapter into a copy of the weights and save a plain transformers model + tokenizer.
+
+    The LoraModel stays usable: merge_and_unload works on the live model, so it is called last."""
+    merged = model.merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

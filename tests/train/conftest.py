@@ -1,3 +1,0 @@
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
