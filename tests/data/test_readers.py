@@ -237,3 +237,17 @@ def test_classlabel_column_uses_the_datasets_names(tmp_path):
 def test_slices_keep_locations(shared_data):
     recs = load_records(RAFT_DIR / "train.csv", label_column="Label")[10:12]
     assert recs.location(0).endswith("row 11 (line 12)") and len(recs) == 2
+
+
+def test_json_object_instead_of_list(tmp_path):
+    path = tmp_path / "obj.json"
+    path.write_text('{\n  "data": [{"instruction": "a"}]\n}\n')
+    with pytest.raises(DataError, match=r"obj.json: the file holds one JSON object \(keys \['data'\]\), not a list"):
+        load_records(path)
+
+
+def test_non_utf8_csv(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("text,label\ncaf\xe9,x\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.csv: not UTF-8 text"):
+        load_records(path)

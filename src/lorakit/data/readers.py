@@ -142,6 +142,14 @@ def _read_text(path: Path) -> str:
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     text = _read_text(path)
     if not text.lstrip().startswith("["):
+        if len([line for line in text.splitlines() if line.strip()]) > 1:
+            try:
+                whole = json.loads(text)
+            except json.JSONDecodeError:
+                whole = None
+            if isinstance(whole, dict):
+                raise DataError(f"{path}: the file holds one JSON object (keys {list(whole)[:10]}), not a list of "
+                                "records; save the records as a top-level list (or JSON Lines).")
         # Many ".json" files in the wild are JSON Lines; read them as such.
         return _parse_jsonl(path, text)
     try:
@@ -204,6 +212,8 @@ def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
                 rows.append(dict(zip(header, values)))
                 locs.append(f"{path} row {n} (line {start + 1})")
                 start = reader.line_num
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e}); re-save the file as UTF-8.") from None
         except csv.Error as e:
             raise DataError(f"{path} line {reader.line_num}: malformed CSV ({e}); fix the quoting on that line.") \
                 from None
