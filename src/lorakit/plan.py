@@ -122,11 +122,14 @@ def _output_heads(model: nn.Module, paths: dict[int, str]) -> list[str]:
 
 def _modules_to_save(config: LoraConfig, names: list[str]) -> tuple[str, ...]:
     wanted = list(config.modules_to_save or ())
-    optional = [h for h in _TASK_HEADS.get(config.task_type, ()) if h not in wanted]
+    # the task's heads are optional even when listed: peft writes all of them (['classifier', 'score'])
+    # into every SEQ_CLS adapter config, though a model has only one
+    heads = _TASK_HEADS.get(config.task_type, ())
+    optional = [h for h in heads if h not in wanted]
     found: list[str] = []
     for entry in wanted + optional:
         hits = [n for n in names if n and (n == entry or n.endswith("." + entry))]
-        if not hits and entry in wanted:
+        if not hits and entry in wanted and entry not in heads:
             raise TargetError(
                 f"modules_to_save entry {entry!r} matches no module. Top-level modules: "
                 f"{', '.join(sorted({n.split('.')[0] for n in names if n}))}; names match the end of a module path."
