@@ -91,6 +91,21 @@ def test_default_targets_counts_and_logits_match_peft(family, tmp_path):
     ours_loaded = LoraModel.from_pretrained(build(family), tmp_path / "theirs")
     assert sorted(_our_layers(ours_loaded)) == sorted(_our_layers(ours))
     assert_logits_close(logits(ours_loaded, batch), expected)
+    assert ours_loaded.get_nb_trainable_parameters() == peft_loaded.get_nb_trainable_parameters()  # both frozen
+
+    # loaded for training, both train the same parameters
+    trainable = LoraModel.from_pretrained(build(family), tmp_path / "theirs", is_trainable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_trainable = peft.PeftModel.from_pretrained(build(family), tmp_path / "theirs", is_trainable=True)
+    assert trainable.get_nb_trainable_parameters() == peft_trainable.get_nb_trainable_parameters()
+
+    # merged into plain models, both give the same weights
+    mine = ours.merge_and_unload().state_dict()
+    other = theirs.merge_and_unload().state_dict()
+    assert sorted(mine) == sorted(other)
+    for key, value in other.items():
+        torch.testing.assert_close(mine[key], value, atol=1e-6, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -132,6 +147,21 @@ def test_options_match_peft_on_llama(options, tmp_path):
     assert_logits_close(logits(LoraModel.from_pretrained(build("llama"), tmp_path / "theirs"), batch), expected)
 
 
+@pytest.mark.parametrize("family,options", [
+    ("gpt2", dict(layers_to_transform=[1], layers_pattern="h")),
+    ("t5", dict(layers_to_transform=[1])),
+    ("bloom", dict(target_modules=r".*\.h\.1\..*(query_key_value|dense_4h_to_h)")),
+    ("bart", dict(target_modules=["q_proj", "v_proj"], exclude_modules=r".*decoder.*")),
+], ids=["gpt2-layers", "t5-layers", "bloom-regex", "bart-exclude-regex"])
+def test_selection_matches_peft(family, options):
+    ours, theirs = _pair(family, **options)
+    _assert_same_structure(ours, theirs)
+    perturb_lora(theirs)
+    _copy_theirs_into_ours(ours, theirs)
+    batch = batch_for(family)
+    assert_logits_close(logits(ours, batch), logits(theirs, batch))
+
+
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_bias_modes_match_peft_on_bloom(bias, tmp_path):
     ours, theirs = _pair("bloom", bias=bias)
@@ -148,6 +178,22 @@ def test_bias_modes_match_peft_on_bloom(bias, tmp_path):
     assert_logits_close(logits(ours, batch), expected)
     theirs.save_pretrained(tmp_path)
     assert_logits_close(logits(LoraModel.from_pretrained(build("bloom"), tmp_path), batch), expected)
+
+
+def test_second_adapter_file_loads_in_peft(tmp_path):
+    """A named (non-default) adapter goes into its own subfolder, which peft loads as an adapter folder."""
+    ours = get_peft_model(build("llama"), LoraConfig(r=4))
+    ours.add_adapter("other", LoraConfig(r=2, target_modules=["k_proj"], lora_alpha=4))
+    ours.set_adapter("other")
+    perturb_lora(ours)
+    batch = batch_for("llama")
+    expected = logits(ours, batch)
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "other", adapter_name="other")
+    assert sorted(_peft_layers(theirs)) == [f"model.layers.{i}.self_attn.k_proj" for i in range(2)]
+    assert_logits_close(logits(theirs, batch), expected)
 
 
 def test_default_table_matches_peft():
