@@ -1,0 +1,130 @@
+"""Shared pieces of the benchmark scripts: machine report, model/data, LoRA wrapping, timing.
+
+Every script prints the machine and its exact command, runs lorakit and peft alternating in
+one process on copies of the same base model with the same data, config and seed, and reports
+median/min/max over the timed steps plus the ratio lorakit/peft.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_en_demo.json"
+DEFAULT_MODEL = "/tmp/smol_st"
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def machine_report(threads: int) -> str:
+    flags = set()
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    simd = " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "amx", "sse4"))))
+    return (f"machine: {model}; {os.cpu_count()} cores; torch {torch.__version__} threads={threads}; "
+            f"python {platform.python_version()}\ncpu flags: {simd or '?'}\n"
+            f"command: {shlex.join([sys.executable, *sys.argv])}")
+
+
+def setup_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1) if torch.get_num_interop_threads() != 1 else None
+
+
+def load_base(model_path: str = DEFAULT_MODEL):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def text_batches(model_path: str, batch: int, seq: int, count: int, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` [batch, seq] token-id tensors from real text (alpaca_en_demo), cycled if short."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if DATA.exists():
+        rows = json.loads(DATA.read_text())
+        text = "\n\n".join(f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}" for r in rows)
+        ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
+    else:  # keep the benchmark runnable without the shared data folder
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, tok.vocab_size, (batch * seq * count,), generator=g)
+    need = batch * seq
+    out = []
+    for i in range(count):
+        start = (i * need) % max(1, ids.numel() - need)
+        out.append(ids[start:start + need].view(batch, seq).clone())
+    return out
+
+
+def wrap(impl: str, base, targets: list[str] | str, r: int, alpha: int, dropout: float, seed: int):
+    """A LoRA model around a deep copy of ``base`` with ``impl`` in {lorakit, peft, handwrap}."""
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    if impl == "peft":
+        from peft import LoraConfig, get_peft_model
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                target_modules=targets, task_type="CAUSAL_LM"))
+    if impl == "lorakit":
+        import lorakit
+        return lorakit.get_peft_model(model, lorakit.LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"))
+    if impl == "handwrap":
+        from handwrap import hand_wrap
+        return hand_wrap(model, targets, r, alpha, dropout)
+    raise SystemExit(f"unknown impl {impl!r}; use lorakit, peft or handwrap")
+
+
+def copy_lora_weights(src, dst) -> int:
+    """Copy LoRA A/B from ``src`` to ``dst`` by module path, so both start from equal weights."""
+    def ab(model):
+        found = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+                mod = name.split(".lora_")[0].replace("base_model.model.", "").replace("model.model.", "model.")
+                kind = "A" if "lora_A" in name else "B"
+                found[(mod.split("model.", 1)[-1], kind)] = p
+        return found
+    s, d = ab(src), ab(dst)
+    n = 0
+    with torch.no_grad():
+        for k, p in d.items():
+            if k in s and s[k].shape == p.shape:
+                p.copy_(s[k]); n += 1
+    return n
+
+
+def stats(ts: list[float]) -> dict:
+    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
+
+
+def fmt_rate(tokens: int, ts: list[float]) -> str:
+    s = stats(ts)
+    return (f"{tokens / s['median']:8.1f} tok/s median  (min {tokens / s['max']:.1f}, max {tokens / s['min']:.1f}; "
+            f"step {1e3 * s['median']:.0f} ms over {s['n']} steps)")
+
+
+def matmul_peak_flops(threads: int, size: int = 2048, reps: int = 10) -> float:
+    """fp32 FLOP/s of a large torch.mm on this machine (best of ``reps``)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter(); torch.mm(a, b); best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best
