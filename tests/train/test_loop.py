@@ -137,3 +137,26 @@ def test_huge_lr_halts_with_training_error(tmp_path):
     cfg = config_from_dict({}, BASE + ["train.max_steps=20", "train.lr=1e30", "train.max_grad_norm=null"])
     with pytest.raises(TrainingError, match="lower learning rate"):
         train_loop(make_model(), tiny_examples(16), pad_batch, cfg, tmp_path, print_fn=lambda s: None)
+
+
+def test_resume_is_exact_with_lora_dropout(tmp_path):
+    from lorakit import LoraConfig, TaskType, get_peft_model
+
+    def lora_model():
+        torch.manual_seed(0)
+        return get_peft_model(tiny_llama(0), LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8,
+                                                        lora_dropout=0.3, target_modules=["q_proj", "v_proj"]))
+
+    cfg = config_from_dict({}, BASE + ["train.max_steps=6", "output.save_every=3", "output.keep_last=0"])
+    ex = tiny_examples(12)
+    a = lora_model()
+    res = train_loop(a, ex, pad_batch, cfg, tmp_path / "a", print_fn=lambda s: None)
+    assert (res.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "a" / "checkpoints" / "step-000003" / "adapter" / "adapter_config.json").is_file()
+    b = lora_model()
+    train_loop(b, ex, pad_batch, cfg, tmp_path / "b", resume=tmp_path / "a" / "checkpoints" / "step-000003",
+               print_fn=lambda s: None)
+    sa, sb = a.lora_state_dict(), b.lora_state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
