@@ -31,24 +31,24 @@ def trainable(m):
 
 
 def test_loss_goes_down_and_outputs_written(tmp_path):
-    cfg = config_from_dict({}, BASE + ["train.max_steps=30", "eval.every_steps=10", "output.save_every=10",
+    cfg = config_from_dict({}, BASE + ["train.max_steps=15", "eval.every_steps=5", "output.save_every=5",
                                        "output.plot=true", "output.tensorboard=true", "train.scheduler=cosine",
                                        "train.warmup_steps=3"])
     ex = tiny_examples(16)
     model = make_model()
     res = train_loop(model, ex, pad_batch, cfg, tmp_path, eval_examples=ex[:8], print_fn=lambda s: None)
-    assert res.steps == 30 and res.fast_loss
+    assert res.steps == 15 and res.fast_loss
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
-    assert len(train_rows) == 30 and [r["step"] for r in evals] == [10, 20, 30]
+    assert len(train_rows) == 15 and [r["step"] for r in evals] == [5, 10, 15]
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert all(r["tokens_per_s"] > 0 for r in train_rows)
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert any((tmp_path / "tb").iterdir())
-    # keep_last=2 prunes the step-10 checkpoint
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000020", "step-000030"]
+    # keep_last=2 prunes the step-5 checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000010", "step-000015"]
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
 
 
