@@ -73,7 +73,9 @@ def main(argv=None) -> None:
     randomize_lora(lm, args.seed)
     lm.set_adapter("default")
     lm.eval()
-    merged = copy.deepcopy(lm).merge_and_unload().eval()
+    twin = lorakit.get_peft_model(copy.deepcopy(base), cfg)   # LoraModel does not deepcopy
+    twin.load_lora_state_dict(lm.lora_state_dict("default"))
+    merged = twin.merge_and_unload().eval()
     del base
     rows_names = [names[i % len(names)] for i in range(args.batch)]
 
