@@ -26,6 +26,7 @@ _EXPORTS = {
     "TargetError": "errors",
     "AdapterLoadError": "errors",
     "DataError": "errors",
+    "ModelLoadError": "errors",
     "TrainingError": "errors",
     "bnb_4bit_config": "quant",
     "prepare_for_kbit_training": "quant",
@@ -36,7 +37,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 if TYPE_CHECKING:  # pragma: no cover
     from .config import LoraConfig, TaskType
     from .dryrun import DryRunReport, dry_run
-    from .errors import AdapterLoadError, ConfigError, DataError, LoraError, TargetError, TrainingError
+    from .errors import (AdapterLoadError, ConfigError, DataError, LoraError, ModelLoadError, TargetError,
+                         TrainingError)
     from .model import LoraModel, PeftModel, get_peft_model
     from .quant import bnb_4bit_config, prepare_for_kbit_training
     from .targets import DEFAULT_TARGET_MODULES, default_target_modules

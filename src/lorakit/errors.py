@@ -17,6 +17,10 @@ class AdapterLoadError(LoraError):
     """An adapter on disk is corrupt, incomplete, or made for another model; nothing was changed."""
 
 
+class ModelLoadError(LoraError):
+    """A model or tokenizer cannot be found, converted or loaded."""
+
+
 class DataError(LoraError):
     """A dataset file or row is malformed."""
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorakit.errors import LoraError
+from lorakit.errors import LoraError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ _DTYPE_NAMES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float16": "float16", "fp16": "float16", "half": "float16",
 }
-
-
-class ModelLoadError(LoraError):
-    """A model or tokenizer cannot be found, converted or loaded."""
 
 
 def cache_dir() -> Path:
