@@ -96,3 +96,13 @@ def test_peft_config_loads_in_lorakit(tmp_path):
     pc.save_pretrained(tmp_path)
     cfg = LoraConfig.from_pretrained(tmp_path)
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules) == (8, 32, 0.1, ("query_key_value",))
+
+
+def test_config_copies_and_pickles():
+    import copy
+    import pickle
+
+    cfg = LoraConfig(r=4, rank_pattern={"q_proj": 2})
+    assert copy.deepcopy(cfg) == cfg and pickle.loads(pickle.dumps(cfg)) == cfg
+    with pytest.raises(TypeError, match="read-only"):
+        cfg.rank_pattern.update({"v_proj": 1})

@@ -192,3 +192,11 @@ def test_gaussian_and_false_init():
     torch.testing.assert_close(pm(x).logits, ref)
     pm2 = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, init_lora_weights=False))
     assert not torch.allclose(pm2(x).logits, ref)
+
+
+def test_lora_model_deepcopies():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, rank_pattern={"v_proj": 2}))
+    randomize_lora(pm)
+    twin = copy.deepcopy(pm)
+    x = ids()
+    torch.testing.assert_close(twin(x).logits, pm(x).logits)

@@ -21,7 +21,6 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping
-from types import MappingProxyType
 from typing import Any, Union
 
 from .errors import ConfigError
@@ -76,6 +75,21 @@ _PEFT_NEUTRAL_KEYS: dict[str, tuple[Any, ...]] = {
 }
 
 StrOrNames = Union[str, tuple[str, ...], None]
+
+
+class FrozenDict(dict):
+    """A read-only dict: keeps a frozen config's mappings frozen, yet copies, pickles and serialises."""
+
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("LoraConfig mappings are read-only; use config.replace(rank_pattern={...}) for a changed copy.")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = __ior__ = _readonly
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 def _names(field: str, value: Any, allow_regex: bool) -> StrOrNames:
@@ -231,8 +245,8 @@ class LoraConfig:
         rank_pattern = {str(k): _positive_int(f"rank_pattern[{k!r}]", v) for k, v in dict(self.rank_pattern or {}).items()}
         alpha_pattern = {str(k): _positive_number(f"alpha_pattern[{k!r}]", v)
                          for k, v in dict(self.alpha_pattern or {}).items()}
-        set_("rank_pattern", MappingProxyType(rank_pattern))
-        set_("alpha_pattern", MappingProxyType(alpha_pattern))
+        set_("rank_pattern", FrozenDict(rank_pattern))
+        set_("alpha_pattern", FrozenDict(alpha_pattern))
 
     __hash__ = None  # holds mappings
 
@@ -251,7 +265,7 @@ class LoraConfig:
             v = getattr(self, f.name)
             if isinstance(v, TaskType):
                 v = v.value
-            elif isinstance(v, MappingProxyType):
+            elif isinstance(v, FrozenDict):
                 v = dict(v)
             elif isinstance(v, tuple):
                 v = list(v)

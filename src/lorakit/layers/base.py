@@ -38,6 +38,7 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        self._inplace_ok = type(base_layer) in (nn.Linear, nn.Embedding) or type(base_layer).__name__ == "Conv1D"
 
     # -- per-kind hooks ---------------------------------------------------------------------
     def _create(self, name: str, r: int, init, device: torch.device, dtype: torch.dtype) -> None:
@@ -145,7 +146,9 @@ class LoraLayer(nn.Module):
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            result = result + self._delta(name, x).to(result.dtype)
+            delta = self._delta(name, x).to(result.dtype)
+            # torch's own Linear/Embedding do not keep their output for backward: add in place, no new tensor
+            result = result.add_(delta) if self._inplace_ok else result + delta
         return result
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
