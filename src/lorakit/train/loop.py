@@ -37,7 +37,7 @@ class TrainResult:
     adapter_dir: Optional[Path] = None
     loss_plot: Optional[Path] = None
     tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0            # time in the training steps (incl. periodic evals), not the final eval
     fast_loss: bool = True
 
 
@@ -188,6 +188,7 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
                                             cfg.output.keep_last)
                 saved_at = step
         bar.close()
+        train_seconds = elapsed_before + time.time() - t0
         if eval_examples or extra_eval is not None:
             last_eval = evaluate()
             if last_eval:
@@ -206,7 +207,7 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
     plot = plot_loss(log.path, out / "loss.png", title=cfg.description) if cfg.output.plot else None
     return TrainResult(output_dir=out, steps=step, final_loss=last_loss, eval=last_eval,
                        checkpoint=last_good or (list_checkpoints(out) or [None])[-1], adapter_dir=adapter_dir,
-                       loss_plot=plot, tokens=tokens_seen + run_tokens, seconds=elapsed_before + time.time() - t0,
+                       loss_plot=plot, tokens=tokens_seen + run_tokens, seconds=train_seconds,
                        fast_loss=loss_fn.is_fast)
 
 
