@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     print(f"config: targets={args.targets} r={args.r} batch={args.batch} new tokens={args.new_tokens} "
           f"greedy, KV cache, {args.adapters} adapters in the mixed batch, {args.repeats} runs each")
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tok = AutoTokenizer.from_pretrained(common.model_dir(args.model))
     tok.padding_side = "left"
     rows = json.loads(common.DATA.read_text())[: args.batch] if common.DATA.exists() else []
     prompts = [r["instruction"] for r in rows] or ["Tell me about LoRA."] * args.batch

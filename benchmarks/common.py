@@ -21,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_en_demo.json"
-DEFAULT_MODEL = "/tmp/smol_st"
+DEFAULT_MODEL = "embedded"  # SmolLM2-135M-Instruct, the cached safetensors copy of the GGUF
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -47,9 +47,15 @@ def setup_threads(threads: int) -> None:
     torch.set_num_interop_threads(1) if torch.get_num_interop_threads() != 1 else None
 
 
+def model_dir(name: str) -> str:
+    """A model folder for ``name``: 'embedded' (converted once, then cached) or any path/hub id."""
+    from lorakit.models import resolve_model_path
+    return resolve_model_path(name)
+
+
 def load_base(model_path: str = DEFAULT_MODEL):
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir(model_path), dtype=torch.float32)
     model.config.use_cache = False
     return model
 
@@ -57,7 +63,7 @@ def load_base(model_path: str = DEFAULT_MODEL):
 def text_batches(model_path: str, batch: int, seq: int, count: int, seed: int = 0) -> list[torch.Tensor]:
     """``count`` [batch, seq] token-id tensors from real text (alpaca_en_demo), cycled if short."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = AutoTokenizer.from_pretrained(model_dir(model_path))
     if DATA.exists():
         rows = json.loads(DATA.read_text())
         text = "\n\n".join(f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}" for r in rows)
