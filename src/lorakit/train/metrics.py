@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def plot_loss(metrics_path: str | Path, out_png: str | Path, title: str = "") ->
         ax.plot(*zip(*held), "o-", label="held-out loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over answer tokens)")
-    ax.set_title(title or "lorakit training")
+    ax.set_title(textwrap.fill(title or "lorakit training", 70), fontsize=10)  # long recipe titles wrap, not clip
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
