@@ -200,3 +200,23 @@ def test_lora_model_deepcopies():
     twin = copy.deepcopy(pm)
     x = ids()
     torch.testing.assert_close(twin(x).logits, pm(x).logits)
+
+
+def test_per_row_routing_with_repeated_rows_and_unequal_ranks():
+    model = tiny_llama()
+    x = ids(batch=4)
+    pm = get_peft_model(model, LoraConfig(r=4))
+    pm.add_adapter("b", LoraConfig(r=2))  # another rank: the per-adapter loop path
+    randomize_lora(pm)
+    with torch.no_grad():
+        a_out = pm(x).logits
+        pm.set_adapter("b")
+        b_out = pm(x).logits
+        mixed = pm(x, adapter_names=["b", "default"]).logits  # 2 names for 4 rows: each repeated
+        batched = pm(x, adapter_names=["default", "__base__", "default", "default"]).logits
+        with pm.disable_adapter():
+            base = pm(x).logits
+    torch.testing.assert_close(mixed[:2], b_out[:2])
+    torch.testing.assert_close(mixed[2:], a_out[2:])
+    torch.testing.assert_close(batched[[0, 2, 3]], a_out[[0, 2, 3]])
+    torch.testing.assert_close(batched[1], base[1])

@@ -159,6 +159,9 @@ class LoraLayer(nn.Module):
             if n % len(rows):
                 raise LoraError(f"adapter_names has {len(rows)} entries but the batch has {n} rows.")
             rows = tuple(r for r in rows for _ in range(n // len(rows)))  # beams / repeated rows
+        if self._can_batch(rows):
+            delta = self._batched_delta(x, rows).to(result.dtype)
+            return result.add_(delta) if self._inplace_ok else result + delta
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(rows):
             groups.setdefault(name, []).append(i)
@@ -174,6 +177,15 @@ class LoraLayer(nn.Module):
             delta = self._delta(name, x.index_select(0, index)).to(result.dtype)
             result = result.index_add(0, index, delta)
         return result
+
+    def _can_batch(self, rows: tuple[str, ...]) -> bool:
+        """One batched product for all rows: needs the same rank everywhere and no active dropout."""
+        if not hasattr(self, "_batched_delta"):
+            return False
+        names = {n for n in rows if n != BASE}
+        if not names or any(n not in self.r for n in names) or len({self.r[n] for n in names}) != 1:
+            return False
+        return not any(getattr(self.lora_dropout[n], "active", False) for n in names)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.r)
