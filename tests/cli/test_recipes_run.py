@@ -40,3 +40,27 @@ def test_recipe_runs_on_embedded_model(name, tmp_path, shared_data):
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)
 
+
+
+def test_qlora_recipe_on_tiny_model(tiny_model_dir, tmp_path, shared_data):
+    """model.load_in_4bit: the base in NF4 (bitsandbytes runs on the CPU), adapter saved as usual."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lorakit import LoraConfig
+
+    # bitsandbytes' CPU kernels need layer widths of at least one 64-value quantisation block
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny64"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    extra = ("--set", "eval.accuracy=false", "--set", "model.load_in_4bit=true", "--set", "lora.use_rslora=true")
+    assert train_recipe("job_b_raft", model_dir, out, extra=extra) == 0
+    cfg = LoraConfig.from_pretrained(out / "adapter")
+    assert cfg.use_rslora
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)

@@ -34,6 +34,8 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16", "float16"] = _f(
         "float32", "Weights dtype. float32 is the safe choice on CPU; bfloat16 halves memory on GPUs.")
     trust_remote_code: bool = _f(False, "Allow the model's own Python code from the hub (only for models you trust).")
+    load_in_4bit: bool = _f(False, "QLoRA: keep the base weights in 4-bit NF4 (bitsandbytes), compute in `dtype`, "
+                            "with activation checkpointing; the adapter trains in float32.")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class LoraSection:
     target_modules: Optional[tuple] = _f(None, "Module names (or 'all-linear') to adapt; None = the model "
                                          "family's default.")
     bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases to train.")
+    use_rslora: bool = _f(False, "Scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA).")
+    modules_to_save: Optional[tuple] = _f(None, "Modules trained in full and saved with the adapter (e.g. a new head).")
 
 
 @dataclass(frozen=True)

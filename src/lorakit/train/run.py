@@ -52,8 +52,15 @@ class Setup:
 def load_base(cfg: TrainConfig):
     from lorakit.models import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, device="cpu",
-                                    trust_remote_code=cfg.model.trust_remote_code)
+    if not cfg.model.load_in_4bit:
+        return load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, device="cpu",
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    from lorakit.quant import bnb_4bit_config, prepare_for_kbit_training
+
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model.name, dtype=cfg.model.dtype, device="cpu", trust_remote_code=cfg.model.trust_remote_code,
+        quantization_config=bnb_4bit_config(cfg.model.dtype), device_map="cpu")
+    return prepare_for_kbit_training(model), tokenizer
 
 
 def lora_config(cfg: TrainConfig):
@@ -64,6 +71,7 @@ def lora_config(cfg: TrainConfig):
         targets = "all-linear"
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                       lora_dropout=cfg.lora.dropout, target_modules=targets, bias=cfg.lora.bias,
+                      use_rslora=cfg.lora.use_rslora, modules_to_save=cfg.lora.modules_to_save,
                       base_model_name_or_path=cfg.model.name)
 
 
