@@ -351,21 +351,11 @@ class LoraModel(nn.Module):
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
                      allow_pickle: bool = False) -> None:
         """Load a PEFT-format adapter folder as a new adapter (checked completely before any change)."""
-        from .checkpoint import read_adapter, warn_if_other_base
-
         self._check_live()
         if adapter_name in self.peft_config:
             raise LoraError(f"adapter {adapter_name!r} exists already; pick another adapter_name or delete it first.")
-        config, weights = read_adapter(adapter_dir, allow_pickle=allow_pickle)
-        if config.inference_mode == is_trainable:
-            config = config.replace(inference_mode=not is_trainable)
         wrapped = {n for n, _ in self.lora_layers()}
-        try:
-            plan = plan_adapter(self.model, config, wrapped=wrapped)
-        except LoraError as e:
-            raise AdapterLoadError(f"adapter at {adapter_dir} does not fit this model: {e}") from None
-        check_state_dict(weights, plan.expected_keys(), what=f"adapter file in {adapter_dir}")
-        warn_if_other_base(config, self.model, os.fspath(adapter_dir))
+        config, weights = _read_checked(self.model, adapter_dir, is_trainable, allow_pickle, wrapped)
         self.add_adapter(adapter_name, config)
         self.load_lora_state_dict(weights, adapter_name)
 
@@ -373,19 +363,27 @@ class LoraModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, allow_pickle: bool = False, **_ignored) -> "LoraModel":
         """Wrap ``model`` with the adapter saved in ``adapter_dir`` (peft's ``PeftModel.from_pretrained``)."""
-        from .checkpoint import read_adapter, warn_if_other_base
-
-        config, weights = read_adapter(adapter_dir, allow_pickle=allow_pickle)
-        config = config.replace(inference_mode=not is_trainable)
-        try:
-            plan = plan_adapter(model, config)
-        except LoraError as e:
-            raise AdapterLoadError(f"adapter at {adapter_dir} does not fit this model: {e}") from None
-        check_state_dict(weights, plan.expected_keys(), what=f"adapter file in {adapter_dir}")
-        warn_if_other_base(config, model, os.fspath(adapter_dir))
+        config, weights = _read_checked(model, adapter_dir, is_trainable, allow_pickle, set())
         out = cls(model, config, adapter_name)
         out.load_lora_state_dict(weights, adapter_name)
         return out
+
+
+def _read_checked(model: nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool, allow_pickle: bool,
+                  wrapped: set[str]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read an adapter folder and check it against ``model`` completely; the model is not touched."""
+    from .checkpoint import read_adapter, warn_if_other_base
+
+    config, weights = read_adapter(adapter_dir, allow_pickle=allow_pickle)
+    if config.inference_mode == is_trainable:
+        config = config.replace(inference_mode=not is_trainable)
+    try:
+        plan = plan_adapter(model, config, wrapped=wrapped)
+    except LoraError as e:
+        raise AdapterLoadError(f"adapter at {adapter_dir} does not fit this model: {e}") from None
+    check_state_dict(weights, plan.expected_keys(), what=f"adapter file in {adapter_dir}")
+    warn_if_other_base(config, model, os.fspath(adapter_dir))
+    return config, weights
 
 
 PeftModel = LoraModel  # the name peft users have in their code

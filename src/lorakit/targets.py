@@ -200,7 +200,7 @@ def select_targets(
     unsupported = [n for n in candidates if modules[n] not in WRAPPABLE_KINDS]
     if unsupported:
         raise TargetError(
-            f"target_modules matched modules that LoRA cannot wrap: "
+            "target_modules matched modules that LoRA cannot wrap: "
             + ", ".join(f"{n} ({modules[n]})" for n in unsupported[:8])
             + (" ..." if len(unsupported) > 8 else "")
             + ". Supported: nn.Linear, transformers Conv1D, nn.Embedding. Target their linear children "

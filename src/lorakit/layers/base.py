@@ -6,7 +6,6 @@ update for an input, and what ``B A`` looks like in the base weight's layout.
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
