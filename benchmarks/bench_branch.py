@@ -3,8 +3,9 @@
     python benchmarks/bench_branch.py --tokens 1024 --dropout 0.1
 
 One SmolLM2 decoder layer's LoRA branches (q/k/v read one input, o its own, gate/up one,
-down its own), forward + backward, base layers left out. peft's form: per module
-nn.Dropout(p) -> lora_A -> lora_B -> * scaling, as in peft.tuners.lora.Linear.forward.
+down its own), forward + backward, each added into a stand-in for its base layer's output
+(the base GEMMs left out). peft's form: per module result + lora_B(lora_A(nn.Dropout(p)(x))) *
+scaling, as in peft.tuners.lora.Linear.forward; lorakit's: ``lora_add``, as its layers call it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import common  # noqa: E402
-from lorakit.ops import SharedDropout, lora_delta  # noqa: E402
+from lorakit.ops import SharedDropout, lora_add  # noqa: E402
 
 # (input group, in, out) for SmolLM2-135M
 MODULES = [("attn_in", 576, 576), ("attn_in", 576, 192), ("attn_in", 576, 192), ("o_in", 576, 576),
@@ -48,12 +49,16 @@ def main(argv=None) -> None:
         dims = {g: i for g, i, _ in MODULES}
         return {g: torch.randn(args.tokens, d, requires_grad=True) for g, d in dims.items()}
 
+    def base_outputs(xs):  # what a frozen base layer hands on: a fresh tensor on the autograd path
+        return [xs[g][..., :1].expand(-1, o) * 1.0 for g, _, o in MODULES]
+
     def ours(xs):
-        return [lora_delta(xs[g], A[k], B[k], s, drop_ours) for k, (g, _, _) in enumerate(MODULES)]
+        return [lora_add(y, xs[g], A[k], B[k], s, drop_ours, True)
+                for k, ((g, _, _), y) in enumerate(zip(MODULES, base_outputs(xs)))]
 
     def peft(xs):
-        return [nn.functional.linear(nn.functional.linear(drops_peft[k](xs[g]), A[k]), B[k]) * s
-                for k, (g, _, _) in enumerate(MODULES)]
+        return [y + nn.functional.linear(nn.functional.linear(drops_peft[k](xs[g]), A[k]), B[k]) * s
+                for k, ((g, _, _), y) in enumerate(zip(MODULES, base_outputs(xs)))]
 
     times = {"lorakit": [], "peft": []}
     for rep in range(args.repeats + 2):

@@ -40,6 +40,9 @@ class LoraModel(nn.Module):
         self._plans: dict[str, AdapterPlan] = {}
         self.active_adapter: str | None = None
         self._unloaded = False
+        #: training with labels computes a causal LM's loss fused (see forward); False: the model's own
+        self.fused_loss = True
+        self._fused_ok: bool | None = None  # fused loss checked against the model's own: None = not yet
         for p in model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -124,6 +127,7 @@ class LoraModel(nn.Module):
             self._mark_trainable()
         if dropout is not None:
             dropout.train(self.training)
+        self._fused_ok = None  # a new head copy (modules_to_save) is checked again
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the active adapter (the one used, trained and saved by default)."""
@@ -216,14 +220,66 @@ class LoraModel(nn.Module):
                 l.disable_adapters = False
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        """Forward of the wrapped model. ``adapter_names`` (one per row; "__base__" for none) mixes adapters in a batch."""
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, return_logits: bool = False, **kwargs):
+        """Forward of the wrapped model. ``adapter_names`` (one per row; "__base__" for none) mixes adapters in a batch.
+
+        Training a causal LM with ``labels`` (``model.train()``, grad enabled, keyword inputs only), the
+        loss comes from ``lorakit.lm_loss``: the head and cross-entropy only where labels count, chunk by
+        chunk, never the full [tokens, vocab] logits; the output then has ``loss`` and ``logits=None``, as
+        Liger's and unsloth's fused losses do. The first such call checks it against the model's own loss
+        once and keeps the model's own from then on if they differ. ``return_logits=True`` for one call, or
+        ``model.fused_loss = False`` for all, gives the model's own forward with its logits.
+        """
         self._check_live()
-        if adapter_names is None:
+        rows = contextlib.nullcontext()
+        if adapter_names is not None:
+            self._check_rows(adapter_names)
+            rows = adapter_rows(adapter_names)
+        with rows:
+            if not args and not return_logits and self._fused_loss_applies(kwargs):
+                return self._fused_loss_forward(kwargs)
             return self.model(*args, **kwargs)
-        self._check_rows(adapter_names)
-        with adapter_rows(adapter_names):
-            return self.model(*args, **kwargs)
+
+    _FUSED_KEYS = frozenset({"input_ids", "attention_mask", "labels", "position_ids", "use_cache",
+                             "num_items_in_batch", "return_dict"})
+
+    def _fused_loss_applies(self, kwargs: dict) -> bool:
+        if not (self.fused_loss and self.training and torch.is_grad_enabled() and self._fused_ok is not False):
+            return False
+        labels, ids = kwargs.get("labels"), kwargs.get("input_ids")
+        if labels is None or ids is None or not set(kwargs) <= self._FUSED_KEYS:
+            return False
+        if kwargs.get("use_cache") or kwargs.get("return_dict", True) is False:
+            return False
+        if not (isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape == ids.shape):
+            return False
+        task = getattr(self.peft_config.get(self.active_adapter), "task_type", None)
+        if task is not None:
+            return str(getattr(task, "value", task)) == "CAUSAL_LM"
+        return type(self.model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+    def _fused_loss_forward(self, kwargs: dict):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from .lm_loss import IGNORE_INDEX, check_fast_loss, fast_loss_sum, fast_path_parts
+
+        parts = fast_path_parts(self)
+        if parts is None:
+            self._fused_ok = False
+            return self.model(**kwargs)
+        batch = {k: kwargs[k] for k in ("input_ids", "attention_mask", "labels", "position_ids")
+                 if kwargs.get(k) is not None}
+        if self._fused_ok is None:
+            self._fused_ok = check_fast_loss(self, parts, batch)
+            if not self._fused_ok:
+                return self.model(**kwargs)
+        total = fast_loss_sum(*parts, batch)
+        denom = kwargs.get("num_items_in_batch")
+        if denom is None:
+            denom = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        if isinstance(denom, torch.Tensor):
+            denom = denom.to(total.device)
+        return CausalLMOutputWithPast(loss=total / denom, logits=None)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         self._check_live()

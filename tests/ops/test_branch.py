@@ -76,3 +76,35 @@ def test_input_without_grad_still_trains_A_and_B():
     d = SharedDropout(0.2).train()
     gA, gB = torch.autograd.grad(lora_delta(x, A, B, 1.0, d).sum(), (A, B))
     assert gA.abs().sum() > 0 and gB.abs().sum() > 0
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_add_equals_base_plus_delta_with_gradients(inplace, p):
+    from lorakit.ops import lora_add
+
+    x, A, B = _params(n_in=64, n_out=32)
+    base_w = torch.randn(32, 64, dtype=torch.float64)
+    d = SharedDropout(p).train()
+    torch.manual_seed(5)
+    out = lora_add(x @ base_w.t(), x, A, B, 2.0, d, inplace)
+    torch.manual_seed(5)
+    d.clear()
+    ref = x @ base_w.t() + lora_delta(x, A, B, 2.0, d)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, gr in zip(_grads(out, x, A, B), _grads(ref, x, A, B)):
+        torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-10)
+
+
+def test_lora_add_in_place_reuses_the_base_output_and_no_grad_path_agrees():
+    from lorakit.ops import lora_add
+
+    x, A, B = _params()
+    base = torch.zeros(3, 5, 10, dtype=torch.float64)
+    with torch.no_grad():
+        out = lora_add(base, x, A, B, 1.5, None, True)
+    assert out.data_ptr() == base.data_ptr()
+    torch.testing.assert_close(out, (x @ A.t() @ B.t() * 1.5).detach())
+    view_base = torch.zeros(3, 10, 5, dtype=torch.float64).transpose(1, 2)  # not contiguous: no in-place
+    out2 = lora_add(view_base, x, A, B, 1.5, None, True)
+    assert out2.data_ptr() != view_base.data_ptr() and not view_base.any()

@@ -145,10 +145,17 @@ class LoraLayer(nn.Module):
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            delta = self._delta(name, x).to(result.dtype)
-            # torch's own Linear/Embedding do not keep their output for backward: add in place, no new tensor
-            result = result.add_(delta) if self._inplace_ok else result + delta
+            result = self._add(name, x, result)
         return result
+
+    def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus the adapter's update for ``x``.
+
+        torch's own Linear/Embedding do not keep their output for backward, so the update goes in
+        place there (no new tensor); kinds with a fused kernel override this.
+        """
+        delta = self._delta(name, x).to(result.dtype)
+        return result.add_(delta) if self._inplace_ok else result + delta
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
         if self.merged_adapters:

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import lora_delta
+from ..ops import lora_add, lora_delta
 from .base import LoraLayer
 from .routing import BASE
 
@@ -42,7 +42,15 @@ class LoraLinear(LoraLayer):
 
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return lora_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-                          self.lora_dropout[name] if self.lora_dropout[name].__class__ is not nn.Identity else None)
+                          self._dropout_of(name))
+
+    def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return lora_add(result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                        self._dropout_of(name), self._inplace_ok)
+
+    def _dropout_of(self, name: str):
+        drop = self.lora_dropout[name]
+        return None if drop.__class__ is nn.Identity else drop
 
     def _batched_delta(self, x: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
         """Each row through its own adapter in two batched products (bmm), not one loop per adapter.

@@ -1,0 +1,120 @@
+"""The causal-LM loss, computed only where it counts and without the full logits.
+
+HF's loss is ``sum(CE(logits[:, t], labels[:, t + 1])) / count`` over the positions whose shifted
+label is not -100. The logits at every other position are computed and thrown away; with a 49k-word
+vocabulary the LM head is a large share of a small model's compute, and the [tokens, vocab] logits
+with their log-softmax and gradients are the largest tensors of a training step. So we run the
+transformer body to hidden states, keep the positions that have a label, and hand those to
+``ops.linear_cross_entropy`` (head + cross-entropy chunk by chunk, float32 as HF does). Same
+number, less work, a fraction of the memory.
+
+Architectures where the body -> head split is not the plain ``head(body(x))`` (logit soft-capping,
+logit scaling, encoder-decoders) keep the model's own loss; `check_fast_loss` compares the two once
+on a small batch and the callers (``LoraModel.forward``, the training loop) fall back when they differ.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .ops import linear_cross_entropy
+
+__all__ = ["IGNORE_INDEX", "check_fast_loss", "count_label_tokens", "fast_loss_sum", "fast_path_parts",
+           "hf_loss_sum", "unwrap_hf"]
+
+IGNORE_INDEX = -100
+# Config attributes that insert something between the head and the logits HF's loss sees.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                     "logit_softcapping", "mup_width_scale")
+
+
+def unwrap_hf(model: nn.Module) -> nn.Module:
+    """The transformers model inside a LoraModel (or the model itself)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return model
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, PreTrainedModel) else model
+
+
+def fast_path_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(body, head) when ``head(body(x).last_hidden_state)`` gives the model's logits, else None."""
+    hf = unwrap_hf(model)
+    config = getattr(hf, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    for attr in _LOGIT_TRANSFORMS:
+        value = getattr(config, attr, None)
+        if value not in (None, 0, 1, 1.0, False):
+            return None
+    get_head = getattr(hf, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    body = getattr(hf, "base_model", None)
+    if head is None or body is None or body is hf:
+        return None
+    return body, head
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Positions that contribute to the loss (labels shifted by one, -100 ignored)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _linear_of(head: nn.Module) -> nn.Linear | None:
+    """The plain nn.Linear a head computes with (through a modules_to_save wrapper), else None."""
+    active = getattr(head, "active_module", head)
+    return active if type(active) is nn.Linear else None
+
+
+def fast_loss_sum(body: nn.Module, head: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Sum of the token cross-entropies over labelled positions (divide by the token count for the mean)."""
+    extra = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
+    out = body(input_ids=batch["input_ids"], use_cache=False, **extra)
+    hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    picked = hidden[:, :-1][mask]                   # (n_tokens, hidden)
+    targets = labels[mask]
+    linear = _linear_of(head)
+    if linear is not None:
+        return linear_cross_entropy(picked, linear.weight, targets, bias=linear.bias)
+    logits = head(picked).float()                   # a head lorakit cannot split: its own forward
+    return nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def hf_loss_sum(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The model's own (mean) loss turned into a sum, for the fallback path."""
+    out = model(**batch, use_cache=False)
+    n = count_label_tokens(batch["labels"])
+    return out.loss.float() * n
+
+
+def check_fast_loss(model: nn.Module, parts: tuple[nn.Module, nn.Module], batch: dict[str, Any]) -> bool:
+    """Does the fast loss equal the model's own on (two rows of) ``batch``? Dropout off, RNG untouched.
+
+    Warns and returns False when they differ, so the caller uses the model's own loss from then on.
+    """
+    was_training = model.training
+    cpu_state = torch.get_rng_state()
+    try:
+        model.eval()
+        # two rows decide whether the split is valid; the whole batch would cost a step's forward twice
+        small = {k: (v[:2] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
+        if count_label_tokens(small["labels"]) > 0:
+            batch = small
+        with torch.no_grad():
+            n = max(count_label_tokens(batch["labels"]), 1)
+            fast = fast_loss_sum(*parts, batch) / n
+            ref = hf_loss_sum(model, batch) / n
+        if torch.allclose(fast, ref, rtol=1e-3, atol=1e-4):
+            return True
+        warnings.warn(f"fast loss {fast.item():.6f} != model loss {ref.item():.6f} for "
+                      f"{type(unwrap_hf(model)).__name__}; using the model's own loss instead", stacklevel=3)
+        return False
+    finally:
+        torch.set_rng_state(cpu_state)
+        model.train(was_training)

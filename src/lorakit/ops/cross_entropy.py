@@ -1,0 +1,108 @@
+"""linear_cross_entropy: the LM head and the token cross-entropy in one pass over row chunks.
+
+``sum_i CE(hidden_i @ W.T + b, target_i)``, the number HF's causal-LM loss sums, without ever
+holding the [tokens, vocab] logits. The usual path writes the logits, copies them for the label
+shift, writes log-softmax, and in backward writes a zero-filled gradient, the log-softmax
+gradient and the shift's gradient: six passes over a tensor that is 200 MB for 1024 tokens of a
+49k vocabulary, each a fresh allocation the kernel must fault in. Here each chunk of rows gets
+its logits, its log-softmax and, while they are in hand, the gradient of the loss with respect to
+the hidden rows (``(softmax - onehot) @ W``): backward only scales that saved [tokens, hidden]
+tensor. The GEMMs are the same ones autograd would run; the loss and gradients agree with the
+plain path to float32 rounding (tests/ops/test_cross_entropy.py).
+
+A trainable head (``W`` or ``b`` requiring grad) also gets its gradient accumulated per chunk.
+Half-precision heads compute logits in their dtype and the softmax in float32, as HF's loss does.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["linear_cross_entropy"]
+
+IGNORE_INDEX = -100
+#: logits held at once, in elements (64 MiB of float32, 341 rows of a 49k vocabulary): bounded
+#: memory, and GEMMs tall enough to run near the machine's peak (128-row chunks cost ~10% more)
+_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
+def _chunk_rows(vocab: int, rows: int) -> int:
+    return max(1, min(rows, _CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n = hidden.shape[0]
+        vocab = weight.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+        fp32 = hidden.dtype == torch.float32 and weight.dtype == torch.float32
+        rows = min(chunk, n)
+        if fp32 and n:
+            # two buffers reused by every chunk: no fresh multi-MB allocation per chunk
+            buf_logits = hidden.new_empty((rows, vocab))
+            buf_logp = hidden.new_empty((rows, vocab))
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            h, t = hidden[start:end], targets[start:end]
+            m = end - start
+            if fp32:
+                logits = torch.mm(h, weight.t(), out=buf_logits[:m])
+                if bias is not None:
+                    logits.add_(bias)
+                logp = torch.ops.aten._log_softmax.out(logits, 1, False, out=buf_logp[:m])
+            else:
+                logp = torch.log_softmax(F.linear(h, weight, bias).float(), dim=1)
+            total += logp.gather(1, t.unsqueeze(1)).sum().neg()
+            if not (need_h or need_w or need_b):
+                continue
+            probs = logp.exp_()  # d loss / d logits = softmax - onehot
+            probs[torch.arange(m, device=probs.device), t] -= 1.0
+            g = probs if fp32 else probs.to(weight.dtype)
+            if need_h:
+                torch.mm(g, weight, out=grad_h[start:end]) if fp32 else grad_h[start:end].copy_(g @ weight)
+            if need_w:
+                grad_w.addmm_(probs.t(), h.float())
+            if need_b:
+                grad_b += probs.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        wdt, bdt = ctx.dtypes
+        out_h = (grad_h * grad.to(grad_h.dtype)) if grad_h is not None else None
+        out_w = (grad_w * grad).to(wdt) if grad_w is not None else None
+        out_b = (grad_b * grad).to(bdt) if grad_b is not None else None
+        return out_h, out_w, out_b, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """Sum over rows of ``cross_entropy(hidden @ weight.T + bias, targets)``, in float32.
+
+    hidden [..., H], weight [V, H], targets [...] (rows equal to ``ignore_index`` count nothing).
+    Divide by the number of counted rows for the mean.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: "
+                         f"need hidden [..., H] with targets [...]")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not map hidden size {hidden.shape[-1]} to a vocabulary")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != ignore_index
+    if not bool(keep.all()):
+        hidden, targets = hidden[keep], targets[keep]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal {ignore_index}; "
+                         f"got values in [{int(targets.min())}, {int(targets.max())}]")
+    chunk = chunk_rows or _chunk_rows(weight.shape[0], hidden.shape[0])
+    return _LinearCrossEntropy.apply(hidden.contiguous(), weight, bias, targets, int(chunk))

@@ -1,0 +1,67 @@
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lorakit.ops import linear_cross_entropy
+
+
+def _data(n=23, h=16, v=50, dtype=torch.float64, seed=0, bias=False, train_head=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=dtype).requires_grad_()
+    weight = torch.randn(v, h, generator=g, dtype=dtype).requires_grad_(train_head)
+    b = (torch.randn(v, generator=g, dtype=dtype).requires_grad_(train_head)) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, b, targets
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 5, 23, 100])
+@pytest.mark.parametrize("bias,train_head", [(False, False), (True, True), (False, True)])
+def test_equals_linear_then_cross_entropy_with_gradients(chunk, bias, train_head):
+    hidden, weight, b, targets = _data(bias=bias, train_head=train_head, dtype=torch.float32)
+    targets[[2, 7]] = -100
+    out = linear_cross_entropy(hidden, weight, targets, bias=b, chunk_rows=chunk)
+    ref = F.cross_entropy(F.linear(hidden, weight, b), targets, reduction="sum", ignore_index=-100)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    params = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+    got = torch.autograd.grad(out * 0.7, params)
+    want = torch.autograd.grad(ref * 0.7, params)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_head_matches_the_upcast_reference():
+    hidden, weight, _, targets = _data(dtype=torch.bfloat16, v=64)
+    out = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)
+    ref = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-3)
+    (gh,) = torch.autograd.grad(out, hidden)
+    (rh,) = torch.autograd.grad(ref, hidden)
+    assert gh.dtype == torch.bfloat16
+    torch.testing.assert_close(gh.float(), rh.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_leading_dims_and_no_grad():
+    hidden, weight, _, targets = _data(n=12)
+    with torch.no_grad():
+        out = linear_cross_entropy(hidden.view(3, 4, -1), weight, targets.view(3, 4))
+    ref = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    torch.testing.assert_close(out, ref.float())
+
+
+def test_all_rows_ignored_gives_zero_and_zero_grad():
+    hidden, weight, _, targets = _data(n=4, dtype=torch.float32)
+    out = linear_cross_entropy(hidden, weight, torch.full_like(targets, -100))
+    assert out.item() == 0.0
+    out.backward()
+    assert hidden.grad is not None and not hidden.grad.any()
+
+
+def test_bad_inputs_are_named():
+    hidden, weight, _, targets = _data(n=4)
+    with pytest.raises(ValueError, match="targets must lie in"):
+        linear_cross_entropy(hidden, weight, targets + 1000)
+    with pytest.raises(ValueError, match="disagree"):
+        linear_cross_entropy(hidden, weight, targets[:3])
+    with pytest.raises(ValueError, match="hidden size"):
+        linear_cross_entropy(hidden, weight[:, :5], targets)

@@ -1,0 +1,99 @@
+"""LoraModel.forward's fused causal-LM loss against the model's own loss."""
+import pytest
+import torch
+
+import lorakit
+from tiny import ids, randomize_lora, tiny_gpt2, tiny_llama
+
+
+def _lora(model, **kw):
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    cfg.update(kw)
+    m = lorakit.get_peft_model(model, lorakit.LoraConfig(**cfg))
+    randomize_lora(m)
+    return m
+
+
+def _batch(masked=True):
+    x = ids(3, 9)
+    labels = x.clone()
+    if masked:
+        labels[:, :4] = -100  # prompt positions
+    mask = torch.ones_like(x)
+    mask[2, -2:] = 0
+    labels[2, -2:] = -100
+    return {"input_ids": x, "attention_mask": mask, "labels": labels}
+
+
+def _lora_grads(m):
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("masked,dropout", [(True, 0.0), (False, 0.0), (True, 0.1)])
+def test_training_forward_with_labels_is_fused_and_equals_the_models_loss(make, masked, dropout):
+    m = _lora(make(), lora_dropout=dropout).train()
+    batch = _batch(masked)
+    torch.manual_seed(0)  # GPT-2 has dropout of its own: the same draws for both forwards
+    out = m(**batch)
+    assert out.logits is None and m._fused_ok is True
+    out.loss.backward()
+    fused = _lora_grads(m)
+    m.zero_grad()
+    torch.manual_seed(0)
+    ref = m(**batch, return_logits=True)
+    assert ref.logits is not None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    ref.loss.backward()
+    for n, g in _lora_grads(m).items():
+        torch.testing.assert_close(fused[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_eval_no_labels_and_switched_off_keep_the_models_forward():
+    m = _lora(tiny_llama())
+    batch = _batch()
+    assert m.eval()(**batch).logits is not None
+    m.train()
+    assert m(input_ids=batch["input_ids"]).logits is not None
+    with torch.no_grad():
+        assert m(**batch).logits is not None
+    m.fused_loss = False
+    assert m(**batch).logits is not None
+    assert m(**batch, output_hidden_states=True).logits is not None  # keys it does not handle
+
+
+def test_num_items_in_batch_divides_the_sum_as_hf_does():
+    m = _lora(tiny_llama()).train()
+    batch = _batch()
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    mean = m(**batch).loss
+    summed_over_more = m(**batch, num_items_in_batch=torch.tensor(2 * n)).loss
+    torch.testing.assert_close(summed_over_more, mean / 2)
+
+
+def test_not_a_causal_lm_task_is_left_alone():
+    m = _lora(tiny_llama(), task_type="FEATURE_EXTRACTION").train()
+    assert m(**_batch()).logits is not None
+
+
+def test_logit_softcapping_model_uses_its_own_loss():
+    m = _lora(tiny_llama(final_logit_softcapping=5.0)).train()
+    out = m(**_batch())
+    assert out.logits is not None and m._fused_ok is False
+
+
+def test_a_head_that_disagrees_is_caught_once_and_never_used():
+    m = _lora(tiny_llama()).train()
+    with torch.no_grad():
+        m.model.lm_head.weight.mul_(1.0)
+    real_forward = m.model.forward
+
+    def shifted(*a, **k):  # a model whose own loss is not head(body(x)): the check must notice
+        out = real_forward(*a, **k)
+        out.loss = out.loss + 1.0
+        return out
+
+    m.model.forward = shifted
+    with pytest.warns(UserWarning, match="fast loss"):
+        out = m(**_batch())
+    assert m._fused_ok is False and out.logits is not None
