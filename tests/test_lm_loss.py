@@ -30,11 +30,17 @@ def _lora_grads(m):
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-@pytest.mark.parametrize("masked,dropout", [(True, 0.0), (False, 0.0), (True, 0.1)])
-def test_training_forward_with_labels_is_fused_and_equals_the_models_loss(make, masked, dropout):
-    m = _lora(make(), lora_dropout=dropout).train()
+@pytest.mark.parametrize("masked", [True, False])
+def test_training_forward_with_labels_is_fused_and_equals_the_models_loss(make, masked):
+    # dropout off (GPT-2 has its own): the fused path feeds one token less per row, so random masks
+    # would be drawn over other shapes; with dropout the two are equal in distribution, not in value
+    base = make()
+    for mod in base.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    m = _lora(base).train()
     batch = _batch(masked)
-    torch.manual_seed(0)  # GPT-2 has dropout of its own: the same draws for both forwards
+    torch.manual_seed(0)
     out = m(**batch)
     assert out.logits is None and m._fused_ok is True
     out.loss.backward()
@@ -47,6 +53,18 @@ def test_training_forward_with_labels_is_fused_and_equals_the_models_loss(make, 
     ref.loss.backward()
     for n, g in _lora_grads(m).items():
         torch.testing.assert_close(fused[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_with_dropout_the_fused_loss_is_reproducible_from_the_seed():
+    m = _lora(tiny_llama(), lora_dropout=0.3).train()
+    batch = _batch()
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        losses.append(m(**batch).loss)
+    torch.manual_seed(8)
+    other = m(**batch).loss
+    assert losses[0].item() == losses[1].item() != other.item()
 
 
 def test_eval_no_labels_and_switched_off_keep_the_models_forward():

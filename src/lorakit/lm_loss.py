@@ -71,13 +71,18 @@ def _linear_of(head: nn.Module) -> nn.Linear | None:
 
 
 def fast_loss_sum(body: nn.Module, head: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Sum of the token cross-entropies over labelled positions (divide by the token count for the mean)."""
-    extra = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
-    out = body(input_ids=batch["input_ids"], use_cache=False, **extra)
+    """Sum of the token cross-entropies over labelled positions (divide by the token count for the mean).
+
+    The last position of a row predicts nothing (its label would lie beyond the row) and, under a causal
+    mask, no earlier position reads it: the body runs on ``input_ids[:, :-1]`` (one token per row less
+    work; 3% of a 36-token row). ``check_fast_loss`` catches models whose attention is not causal.
+    """
+    extra = {k: batch[k][..., :-1] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
+    out = body(input_ids=batch["input_ids"][:, :-1], use_cache=False, **extra)
     hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
-    picked = hidden[:, :-1][mask]                   # (n_tokens, hidden)
+    picked = hidden[mask]                           # (n_tokens, hidden)
     targets = labels[mask]
     linear = _linear_of(head)
     if linear is not None:
@@ -102,10 +107,12 @@ def check_fast_loss(model: nn.Module, parts: tuple[nn.Module, nn.Module], batch:
     cpu_state = torch.get_rng_state()
     try:
         model.eval()
-        # two rows decide whether the split is valid; the whole batch would cost a step's forward twice
-        small = {k: (v[:2] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
-        if count_label_tokens(small["labels"]) > 0:
-            batch = small
+        # one row with labels decides whether the split is valid; the whole batch would cost a step's
+        # forward twice
+        rows = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=1).nonzero().flatten()
+        if rows.numel():
+            pick = rows[:1]
+            batch = {k: (v[pick] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
         with torch.no_grad():
             n = max(count_label_tokens(batch["labels"]), 1)
             fast = fast_loss_sum(*parts, batch) / n

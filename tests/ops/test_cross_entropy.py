@@ -65,3 +65,13 @@ def test_bad_inputs_are_named():
         linear_cross_entropy(hidden, weight, targets[:3])
     with pytest.raises(ValueError, match="hidden size"):
         linear_cross_entropy(hidden, weight[:, :5], targets)
+
+
+@pytest.mark.parametrize("n", [40, 100, 300])  # the few-rows and the many-rows GEMM layouts
+def test_row_count_layouts_agree(n):
+    hidden, weight, _, targets = _data(n=n, h=24, v=70, dtype=torch.float32, train_head=True)
+    out = linear_cross_entropy(hidden, weight, targets)
+    ref = F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-3)
+    for a, e in zip(torch.autograd.grad(out, [hidden, weight]), torch.autograd.grad(ref, [hidden, weight])):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)

@@ -78,3 +78,33 @@ def test_checkpoint_recomputation_regenerates_the_same_mask():
     d.clear()
     (block(x) ** 2).sum().backward()
     torch.testing.assert_close((x.grad, A.grad), g)
+
+
+def test_backward_masks_in_place_only_for_fresh_gradient_consumers():
+    """A public drop() used in an op whose backward passes its gradient on as-is must not be corrupted."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, requires_grad=True)
+    y = torch.randn(6, 8, requires_grad=True)
+    d = SharedDropout(0.5).train()
+    dropped, _ = d.drop(x, fresh_grads=True)
+    again, _ = d.drop(x)                          # a second reader without the promise
+    assert again is dropped
+    (dropped + y).sum().backward()                # AddBackward hands the same gradient to both
+    keep = (dropped != 0).float()
+    torch.testing.assert_close(x.grad, keep)
+    torch.testing.assert_close(y.grad, torch.ones_like(y))   # untouched by the mask
+
+
+def test_in_place_backward_gives_the_same_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, requires_grad=True)
+    A = torch.randn(3, 16)
+    grads = []
+    for fresh in (True, False):
+        d = SharedDropout(0.3).train()
+        torch.manual_seed(1)
+        dropped, _ = d.drop(x, fresh_grads=fresh)
+        (dropped @ A.t()).pow(2).sum().backward()
+        grads.append(x.grad.clone())
+        x.grad = None
+    torch.testing.assert_close(grads[0], grads[1])

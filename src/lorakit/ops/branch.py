@@ -28,7 +28,7 @@ __all__ = ["lora_add", "lora_delta"]
 
 def _drop(x: torch.Tensor, dropout: nn.Module | None) -> tuple[torch.Tensor, float]:
     if isinstance(dropout, SharedDropout):
-        return dropout.drop(x)
+        return dropout.drop(x, fresh_grads=True)  # only matmuls and casts read it (see lora_add)
     if dropout is not None:
         return dropout(x), 1.0
     return x, 1.0

@@ -24,6 +24,8 @@ IGNORE_INDEX = -100
 #: logits held at once, in elements (64 MiB of float32, 341 rows of a 49k vocabulary): bounded
 #: memory, and GEMMs tall enough to run near the machine's peak (128-row chunks cost ~10% more)
 _CHUNK_ELEMENTS = 16 * 1024 * 1024
+#: below this many rows the transposed products are faster on MKL (2-core dev VM, 49k vocabulary)
+_FEW_ROWS = 64
 
 
 def _chunk_rows(vocab: int, rows: int) -> int:
@@ -51,7 +53,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[start:end], targets[start:end]
             m = end - start
             if fp32:
-                logits = torch.mm(h, weight.t(), out=buf_logits[:m])
+                if m <= _FEW_ROWS:  # few rows: [V, m] = W @ h.T then transposed is the faster GEMM
+                    logits = buf_logits[:m].copy_(torch.mm(weight, h.t()).t())
+                else:
+                    logits = torch.mm(h, weight.t(), out=buf_logits[:m])
                 if bias is not None:
                     logits.add_(bias)
                 logp = torch.ops.aten._log_softmax.out(logits, 1, False, out=buf_logp[:m])
@@ -64,7 +69,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(m, device=probs.device), t] -= 1.0
             g = probs if fp32 else probs.to(weight.dtype)
             if need_h:
-                torch.mm(g, weight, out=grad_h[start:end]) if fp32 else grad_h[start:end].copy_(g @ weight)
+                if fp32 and m > 4 * _FEW_ROWS:
+                    torch.mm(g, weight, out=grad_h[start:end])
+                else:  # up to ~256 rows, (W.T @ g.T).T runs 5-30% faster than g @ W
+                    grad_h[start:end].copy_(torch.mm(weight.t(), g.t()).t())
             if need_w:
                 grad_w.addmm_(probs.t(), h.float())
             if need_b:

@@ -18,19 +18,37 @@ class _ApplyKeep(torch.autograd.Function):
     Saves only the bit-packed mask (1 bit per element) for backward, where the same mask
     multiplies the incoming gradient once, after autograd has summed the gradients of all
     modules that share this dropped tensor.
+
+    ``exclusive[0]`` stays True while every consumer of the output is one whose backward hands
+    over a fresh gradient tensor (lorakit's branch kernels): the incoming gradient then belongs to
+    this node alone and is masked in place, sparing a multi-MB allocation (and the page faults of
+    fresh memory) per masked input, ~2% of an all-linear training step on CPU.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # keep: bool, x's shape
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, exclusive: list) -> torch.Tensor:  # keep: bool, x's shape
         ctx.shape = keep.shape
         ctx.packed = np.packbits(keep.numpy().reshape(-1)) if ctx.needs_input_grad[0] else None
+        ctx.exclusive = exclusive
         return _mul_keep(x, keep)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         n = int(np.prod(ctx.shape))
-        keep = np.unpackbits(ctx.packed, count=n).view(bool).reshape(ctx.shape)
-        return _mul_keep(grad, torch.from_numpy(keep)), None
+        keep = torch.from_numpy(np.unpackbits(ctx.packed, count=n).view(bool).reshape(ctx.shape))
+        if ctx.exclusive[0]:
+            return _mul_keep_(grad, keep), None, None
+        return _mul_keep(grad, keep), None, None
+
+
+def _mul_keep_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x *= keep where x may be written (a contiguous CPU float tensor), else x * keep."""
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+            and not x.requires_grad):
+        xn = x.numpy()
+        np.multiply(xn, keep.numpy(), out=xn)
+        return x
+    return _mul_keep(x, keep)
 
 
 def _mul_keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -62,6 +80,7 @@ class SharedDropout(nn.Module):
         self.p = p
         self._key: tuple | None = None
         self._dropped: torch.Tensor | None = None
+        self._exclusive: list = [False]
 
     @property
     def scale(self) -> float:
@@ -72,28 +91,37 @@ class SharedDropout(nn.Module):
     def active(self) -> bool:
         return self.training and self.p > 0.0
 
-    def drop(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(x * mask, 1/(1-p)) with the mask shared while ``x`` is the same unmodified tensor."""
+    def drop(self, x: torch.Tensor, fresh_grads: bool = False) -> tuple[torch.Tensor, float]:
+        """(x * mask, 1/(1-p)) with the mask shared while ``x`` is the same unmodified tensor.
+
+        ``fresh_grads=True`` promises that the caller only feeds the result to operations whose
+        backward makes a new gradient tensor (matmuls, casts, scalings), which lets backward mask
+        the summed gradient in place. Leave it False for anything else (e.g. ``dropped + y``).
+        """
         if not self.active:
             return x, 1.0
         key = self._key
         if (key is not None and key[0]() is x and key[1] == x._version
                 and key[2] == torch.is_grad_enabled()):
+            if not fresh_grads:
+                self._exclusive[0] = False
             return self._dropped, self.scale
         seed = torch_seed("cpu")
         keep = torch.from_numpy(draw_keep_mask(x.numel(), self.p, seed).reshape(x.shape))
-        dropped = _ApplyKeep.apply(x, keep)
+        exclusive = [fresh_grads]
+        dropped = _ApplyKeep.apply(x, keep, exclusive)
         self._key = (weakref.ref(x), x._version, torch.is_grad_enabled())
-        self._dropped = dropped
+        self._dropped, self._exclusive = dropped, exclusive
         return dropped, self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dropped, scale = self.drop(x)
+        # dropped * scale makes a new gradient in backward; dropped itself is handed out only unscaled
+        dropped, scale = self.drop(x, fresh_grads=self.scale != 1.0)
         return dropped if scale == 1.0 else dropped * scale
 
     def clear(self) -> None:
         """Forget the cached mask (it is also replaced by the next new input)."""
-        self._key, self._dropped = None, None
+        self._key, self._dropped, self._exclusive = None, None, [False]
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
