@@ -23,13 +23,17 @@ import common  # noqa: E402
 
 
 def step_flops(cfg, batch: int, seq: int, targets, r: int) -> float:
-    """Matmul FLOPs of one training step with frozen base weights and LoRA on ``targets``.
+    """Useful matmul FLOPs of one training step with frozen base weights and LoRA on ``targets``.
+
+    Useful: the seq - 1 positions of a row that have a next-token label (the last position predicts
+    nothing and, causally, feeds nothing; lorakit's fused loss skips it, peft computes it).
 
     Frozen linear: forward 2*N*in*out, backward only grad_x, 2*N*in*out. LoRA on [in->out]:
     forward 2*N*r*(in+out), backward grad_A, grad_B and grad_x: 4*N*r*(in+out).
     Attention (QK^T and PV over the full T x T, as the kernels compute): forward 4*B*H*T^2*d,
     backward twice that. lm_head (tied, frozen): forward + grad_x.
     """
+    seq = seq - 1
     n = batch * seq
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -49,7 +53,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="all-linear", help="all-linear or comma-separated module names")
     ap.add_argument("--dropout", type=float, default=0.1)
-    ap.add_argument("--variants", default=None, help="comma list of IMPL:DROPOUT (impl: lorakit, peft, handwrap)")
+    ap.add_argument("--variants", default=None,
+                    help="comma list of IMPL:DROPOUT (impl: lorakit, peft, handwrap; floor:0 = the frozen model "
+                         "with no LoRA, backward through every layer, the model's own loss)")
     ap.add_argument("--ours", default="lorakit", help="implementation standing for lorakit (lorakit or handwrap)")
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--alpha", type=int, default=32)
@@ -78,11 +84,11 @@ def main(argv=None) -> None:
     runs = []
     for impl, p in variants:
         model = common.wrap(impl, base, targets, args.r, args.alpha, p, args.seed)
-        if runs:
+        if runs and impl != "floor":
             common.copy_lora_weights(runs[0]["model"], model)
         model.train()
         params = [q for q in model.parameters() if q.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None  # floor: nothing to train
         runs.append({"name": f"{impl}:dropout={p}", "model": model, "opt": opt, "times": [], "cpu": [], "losses": []})
     del base
 
@@ -92,8 +98,9 @@ def main(argv=None) -> None:
             t, c = time.perf_counter(), time.process_time()
             loss = run["model"](input_ids=ids, labels=ids).loss
             loss.backward()
-            run["opt"].step()
-            run["opt"].zero_grad(set_to_none=True)
+            if run["opt"] is not None:
+                run["opt"].step()
+                run["opt"].zero_grad(set_to_none=True)
             dt, dc = time.perf_counter() - t, time.process_time() - c
             run["losses"].append(loss.item())
             if i >= args.warmup:

@@ -80,7 +80,7 @@ def text_batches(model_path: str, batch: int, seq: int, count: int, seed: int = 
 
 
 def wrap(impl: str, base, targets: list[str] | str, r: int, alpha: int, dropout: float, seed: int):
-    """A LoRA model around a deep copy of ``base`` with ``impl`` in {lorakit, peft, handwrap}."""
+    """A LoRA model around a deep copy of ``base`` with ``impl`` in {lorakit, peft, handwrap, floor}."""
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
     if impl == "peft":
@@ -91,10 +91,19 @@ def wrap(impl: str, base, targets: list[str] | str, r: int, alpha: int, dropout:
         import lorakit
         return lorakit.get_peft_model(model, lorakit.LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"))
+    if impl == "floor":
+        # no LoRA at all: the frozen model, its input embeddings made to require grad so backward still
+        # runs through every layer (grad_x of every frozen linear), with the model's own loss. What any
+        # LoRA library wrapping this model pays before its own work; lorakit can go below it only by
+        # computing the loss fused (lorakit.lm_loss).
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out.requires_grad_())
+        return model
     if impl == "handwrap":
         from handwrap import hand_wrap
         return hand_wrap(model, targets, r, alpha, dropout)
-    raise SystemExit(f"unknown impl {impl!r}; use lorakit, peft or handwrap")
+    raise SystemExit(f"unknown impl {impl!r}; use lorakit, peft, floor or handwrap")
 
 
 def copy_lora_weights(src, dst) -> int:
