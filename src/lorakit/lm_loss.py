@@ -22,8 +22,8 @@ from torch import nn
 
 from .ops import linear_cross_entropy
 
-__all__ = ["IGNORE_INDEX", "check_fast_loss", "count_label_tokens", "fast_loss_sum", "fast_path_parts",
-           "hf_loss_sum", "unwrap_hf"]
+__all__ = ["IGNORE_INDEX", "LossComputer", "check_fast_loss", "count_label_tokens", "fast_loss_sum",
+           "fast_path_parts", "hf_loss_sum", "unwrap_hf"]
 
 IGNORE_INDEX = -100
 # Config attributes that insert something between the head and the logits HF's loss sees.
@@ -125,3 +125,32 @@ def check_fast_loss(model: nn.Module, parts: tuple[nn.Module, nn.Module], batch:
     finally:
         torch.set_rng_state(cpu_state)
         model.train(was_training)
+
+
+class LossComputer:
+    """Summed token loss for a batch: the fast path when it is valid for this model, else the model's own.
+
+    The first call checks the fast loss against the model's own (``check_fast_loss``) and falls back,
+    with a warning, when they differ.
+    """
+
+    def __init__(self, model: nn.Module, fast: bool = True, check_first: bool = True) -> None:
+        self.model = model
+        self.parts = fast_path_parts(model) if fast else None
+        self._checked = not check_first
+
+    @property
+    def is_fast(self) -> bool:
+        return self.parts is not None
+
+    def _self_check(self, batch: dict[str, torch.Tensor]) -> None:
+        self._checked = True
+        if not check_fast_loss(self.model, self.parts, batch):
+            self.parts = None
+
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.parts is not None and not self._checked:
+            self._self_check(batch)
+        if self.parts is not None:
+            return fast_loss_sum(*self.parts, batch)
+        return hf_loss_sum(self.model, batch)

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.cli.common import load_model
     from lorakit.data import Collator, tokenize_records
-    from lorakit.train.evaluate import heldout_loss
+    from lorakit.eval import heldout_loss
     from lorakit.train.run import load_data, make_template
 
     _, records, labels = load_data(cfg, train=False)
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {args.model or cfg.model.name}" + (f" + adapter {args.adapter}" if args.adapter else "")
           + f"; {len(records)} records")
     data = tokenize_records(records, template, tokenizer, cfg.data.max_length)
-    loss = heldout_loss(model, data.examples, Collator(tokenizer.pad_token_id), cfg.eval.batch_size)
+    loss = heldout_loss(model, data.examples, Collator(tokenizer.pad_token_id), batch_size=cfg.eval.batch_size)
     print(f"loss {loss['loss']:.4f}  perplexity {loss['perplexity']:.3f}  ({loss['tokens']} answer tokens)")
     if cfg.wants_accuracy and labels:
         from lorakit.eval import classification_eval

@@ -18,13 +18,18 @@ from typing import Callable, Optional
 import torch
 
 from lorakit.errors import TrainingError
+from lorakit.eval.loss import heldout_loss
 from lorakit.train.batches import epoch_order
 from lorakit.train.config import TrainConfig
-from lorakit.train.evaluate import heldout_loss, move
 from lorakit.train.loss import LossComputer, count_label_tokens
 from lorakit.train.metrics import MetricsLog, plot_loss
 from lorakit.train.schedule import make_scheduler, warmup_steps
 from lorakit.train.state import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+
+
+def move(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device``."""
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 @dataclass
@@ -110,8 +115,8 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
         metrics: dict = {}
         if eval_examples:
             with torch.random.fork_rng(devices=[]):
-                r = heldout_loss(raw_model, eval_examples, collate, cfg.eval.batch_size, loss_fn, device,
-                                 accelerator.autocast)
+                r = heldout_loss(raw_model, eval_examples, collate, batch_size=cfg.eval.batch_size, loss=loss_fn,
+                                 device=device, autocast=accelerator.autocast)
             metrics.update(eval_loss=r["loss"], eval_perplexity=r["perplexity"], eval_tokens=r["tokens"])
         if extra_eval is not None:
             with torch.random.fork_rng(devices=[]):
