@@ -3,7 +3,25 @@ import pytest
 import torch
 
 import lorakit
-from tiny import ids, randomize_lora, tiny_gpt2, tiny_llama
+from tiny import ids, randomize_lora, tiny_bloom, tiny_gpt2, tiny_llama
+
+
+def tiny_gptj():  # an LM head with a bias
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    return GPTJForCausalLM(GPTJConfig(vocab_size=100, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                      n_positions=64)).eval()
+
+
+def tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                    num_attention_heads=4, max_position_embeddings=64,
+                                    word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
+                                    layerdrop=0.0)).eval()  # functional dropout the test cannot switch off
 
 
 def _lora(model, **kw):
@@ -29,7 +47,7 @@ def _lora_grads(m):
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_bloom, tiny_gptj, tiny_opt])
 @pytest.mark.parametrize("masked", [True, False])
 def test_training_forward_with_labels_is_fused_and_equals_the_models_loss(make, masked):
     # dropout off (GPT-2 has its own): the fused path feeds one token less per row, so random masks
@@ -92,6 +110,13 @@ def test_num_items_in_batch_divides_the_sum_as_hf_does():
 def test_not_a_causal_lm_task_is_left_alone():
     m = _lora(tiny_llama(), task_type="FEATURE_EXTRACTION").train()
     assert m(**_batch()).logits is not None
+
+
+def test_router_loss_model_uses_its_own_loss():
+    m = _lora(tiny_llama()).train()
+    m.model.config.output_router_logits = True   # a mixture-of-experts model adding its router loss
+    out = m(**_batch())
+    assert out.logits is not None
 
 
 def test_logit_softcapping_model_uses_its_own_loss():

@@ -29,6 +29,8 @@ IGNORE_INDEX = -100
 # Config attributes that insert something between the head and the logits HF's loss sees.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
                      "logit_softcapping", "mup_width_scale")
+# Config switches that add terms of their own to the model's loss (mixture-of-experts router losses).
+_LOSS_TERMS = ("output_router_logits",)
 
 
 def unwrap_hf(model: nn.Module) -> nn.Module:
@@ -50,6 +52,9 @@ def fast_path_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     for attr in _LOGIT_TRANSFORMS:
         value = getattr(config, attr, None)
         if value not in (None, 0, 1, 1.0, False):
+            return None
+    for attr in _LOSS_TERMS:
+        if getattr(config, attr, False):
             return None
     get_head = getattr(hf, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None

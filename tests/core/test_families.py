@@ -140,3 +140,30 @@ def test_save_load_and_merge_and_unload(family, tmp_path):
     merged = loaded.merge_and_unload()
     assert not _wrappers(merged)
     assert_logits_close(logits(merged, batch), adapted)
+
+
+CAUSAL = [f for f in FAMILY_NAMES if FAMILIES[f].kind == "causal"]
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_training_loss_with_labels_equals_the_models_own(family):
+    """LoraModel.forward's fused loss (training, labels) against the model's own forward and loss."""
+    model = get_peft_model(build(family), _config(family))
+    perturb_lora(model)
+    model.train()
+    batch = batch_for(family)
+    batch["labels"][:, :3] = -100                              # a prompt that is not scored
+    torch.manual_seed(0)
+    out = model(**batch)
+    out.loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    torch.manual_seed(0)
+    ref = model(**batch, return_logits=True)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(fused[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # the fast path applies to every plain head(body(x)) family; soft-capped logits keep their own loss
+    assert (out.logits is None) == (family != "gemma2"), family
