@@ -96,21 +96,21 @@ def lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
     """``result + scaling * B(A(dropout(x)))``, written into ``result`` when ``inplace`` allows.
 
     ``inplace`` must be False when something saved ``result`` for backward (only the caller
-    knows: torch's own Linear does not). Other dtypes than A's and results that are views take
-    the generic path.
+    knows: torch's own Linear does not). Without autograd (generation) it is two F.linear calls and
+    an in-place add, the fewest calls per layer; with autograd, matching dtypes and a contiguous
+    result, the ``_AddBranch`` kernel; anything else the generic path.
     """
-    x, keep_scale = _drop(x, dropout)
-    factor = float(scaling) * keep_scale
-    if x.dtype != A.dtype or result.dtype != A.dtype or x.shape[:-1] != result.shape[:-1]:
+    if dropout is not None:
+        x, keep_scale = _drop(x, dropout)
+        factor = float(scaling) * keep_scale
+    else:
+        factor = float(scaling)
+    if not torch.is_grad_enabled():
+        delta = lora_delta(x, A, B, factor, None).to(result.dtype)
+        return result.add_(delta) if inplace else result + delta
+    if (x.dtype != A.dtype or result.dtype != A.dtype or x.shape[:-1] != result.shape[:-1]
+            or not (x.requires_grad or A.requires_grad or B.requires_grad)):
         delta = lora_delta(x, A, B, factor, None).to(result.dtype)
         return result.add_(delta) if inplace else result + delta
     inplace = inplace and result._base is None and result.is_contiguous()
-    if not torch.is_grad_enabled() or not (x.requires_grad or A.requires_grad or B.requires_grad):
-        h = F.linear(x, A)
-        if factor != 1.0:
-            h = h.mul_(factor)
-        if inplace:
-            result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t())
-            return result
-        return result + F.linear(h, B)
     return _AddBranch.apply(result, x, A, B, factor, inplace)
