@@ -1,5 +1,6 @@
 """Job b end to end, lorakit's loop vs peft + the plain loop of peft's example (issue 4, target 3).
 
+    python benchmarks/bench_job_b.py --variants lorakit,peft   # target 3: 2 rounds in ABBA order
     python benchmarks/bench_job_b.py                       # all three variants, 3 epochs
     python benchmarks/bench_job_b.py --epochs 1 --variants lorakit,peft   # smoke run
 
@@ -19,7 +20,8 @@ seed, linear schedule with the recipe's warm-up and gradient clipping:
 * ``peft+lorakit-loop``: the peft model trained by lorakit's loop: shows that the loop, not the
   adapter implementation, decides speed and accuracy.
 
-Each is scored with the same greedy ``lorakit.eval.classification_eval`` on the 50 training rows (as
+Rounds run in ABBA order (``--repeats``, default 2) and each variant's times are summed over its
+rounds, so a slow or fast phase of a shared machine hits both alike. Each is scored with the same greedy ``lorakit.eval.classification_eval`` on the 50 training rows (as
 peft's example reports it). Times are the training call only (no evaluation), wall and process CPU.
 """
 from __future__ import annotations
@@ -114,6 +116,8 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
     p.add_argument("--rows", type=int, default=None, help="use only the first N rows (smoke runs)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=2,
+                   help="rounds of all variants, in ABBA order; times are summed over rounds")
     args = p.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = sorted(set(variants) - set(VARIANTS))
@@ -162,25 +166,35 @@ def main() -> None:
         lorakit_loop(wrap("lorakit", base, cfg), examples[:8], collate, warm, Path(tmp) / "warmup")
         plain_loop(wrap("peft", base, cfg), {k: v[:8] for k, v in padded.items()}, cfg, 1)
         print(f"warm-up (one step of each loop, untimed): {time.perf_counter() - t:.0f}s")
-        for name in variants:
-            model = wrap("peft" if name.startswith("peft") else "lorakit", base, cfg)
-            n = common.copy_lora_weights(initial, model)
-            t, c = time.perf_counter(), time.process_time()
-            if name == "peft":
-                r = plain_loop(model, padded, cfg, args.epochs)
-            else:
-                r = lorakit_loop(model, examples, collate, cfg, Path(tmp) / name)
-            r["wall"], r["cpu"] = time.perf_counter() - t, time.process_time() - c
-            t = time.perf_counter()
-            rep = classification_eval(model, tok, records, template, labels, batch_size=cfg.eval.batch_size)
-            r["acc"], r["invalid"], r["eval_s"] = rep.accuracy, rep.n_invalid, time.perf_counter() - t
-            results[name] = r
-            print(f"{name:>18}: {n} LoRA tensors copied from the shared init; {r['steps']} steps, {r['tokens']} tokens "
-                  f"fed, train {r['wall']:.1f}s wall / {r['cpu']:.1f}s CPU ({r['wall'] / r['steps']:.2f} s/step), "
-                  f"final loss {r['final_loss']:.4f}; accuracy on the {rep.n} rows {r['acc']:.3f} "
-                  f"({r['invalid']} invalid; eval {r['eval_s']:.0f}s)"
-                  + ("" if "fast_loss" not in r else f"; fast loss {'on' if r['fast_loss'] else 'OFF'}"))
-            del model
+        # rounds in ABBA order (lorakit, peft, peft, lorakit, ...): a slow or fast phase of a shared VM
+        # then hits every variant alike; each variant's wall/CPU is the sum over its runs
+        for rnd in range(args.repeats):
+            for name in (variants if rnd % 2 == 0 else variants[::-1]):
+                model = wrap("peft" if name.startswith("peft") else "lorakit", base, cfg)
+                n = common.copy_lora_weights(initial, model)
+                t, c = time.perf_counter(), time.process_time()
+                if name == "peft":
+                    r = plain_loop(model, padded, cfg, args.epochs)
+                else:
+                    r = lorakit_loop(model, examples, collate, cfg, Path(tmp) / f"{name}-{rnd}")
+                r["wall"], r["cpu"] = time.perf_counter() - t, time.process_time() - c
+                t = time.perf_counter()
+                rep = classification_eval(model, tok, records, template, labels, batch_size=cfg.eval.batch_size)
+                r["acc"], r["invalid"], r["eval_s"] = rep.accuracy, rep.n_invalid, time.perf_counter() - t
+                prev = results.get(name)
+                if prev is not None:  # same data order and seed each round: sum the times
+                    r["wall"] += prev["wall"]
+                    r["cpu"] += prev["cpu"]
+                    r["rounds"] = prev["rounds"] + 1
+                else:
+                    r["rounds"] = 1
+                results[name] = r
+                print(f"{name:>18} (round {rnd + 1}): {n} LoRA tensors copied from the shared init; {r['steps']} steps, "
+                      f"{r['tokens']} tokens fed, train {r['wall'] - (prev['wall'] if prev else 0):.1f}s wall "
+                      f"({r['steps']} steps), final loss {r['final_loss']:.4f}; accuracy on the {rep.n} rows "
+                      f"{r['acc']:.3f} ({r['invalid']} invalid; eval {r['eval_s']:.0f}s)"
+                      + ("" if "fast_loss" not in r else f"; fast loss {'on' if r['fast_loss'] else 'OFF'}"))
+                del model
     print(f"load average at end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     if "lorakit" in results:
         ours = results["lorakit"]
