@@ -16,12 +16,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 ROWS = [
-    # (target, script, args)
-    ("1 all-linear, dropout 0.1: speed", "bench_train.py", ["--targets", "all-linear", "--dropout", "0.1"]),
+    # (target, script, args, extra args for --quick)
+    ("1 all-linear, dropout 0.1: speed, dropout cost, the floor", "bench_train.py",
+     ["--targets", "all-linear", "--variants", "lorakit:0.1,lorakit:0.0,peft:0.1,peft:0.0,floor:0", "--steps", "4"],
+     ["--steps", "1"]),
     ("2 q,v, dropout 0.1: speed + share of peak", "bench_train.py",
-     ["--targets", "q_proj,v_proj", "--dropout", "0.1", "--flops"]),
-    ("4 all-linear, dropout 0.1: peak RSS", "bench_memory.py", ["--targets", "all-linear", "--dropout", "0.1"]),
-    ("5 generation: unmerged vs merged, mixed adapters", "bench_generate.py", ["--targets", "all-linear"]),
+     ["--targets", "q_proj,v_proj", "--variants", "lorakit:0.1,peft:0.1,peft:0.0", "--steps", "3", "--flops"],
+     ["--steps", "1"]),
+    ("3 job b end to end vs peft's example loop", "bench_job_b.py", ["--variants", "lorakit,peft"],
+     ["--epochs", "1", "--repeats", "1"]),
+    ("4 all-linear, dropout 0.1: peak RSS", "bench_memory.py", ["--targets", "all-linear", "--dropout", "0.1"],
+     ["--steps", "1"]),
+    ("5 generation: unmerged vs merged, mixed adapters", "bench_generate.py", ["--targets", "all-linear", "--repeats", "5"],
+     ["--repeats", "1"]),
 ]
 
 
@@ -30,9 +37,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     failed = []
-    for title, script, extra in ROWS:
+    for title, script, extra, quick in ROWS:
         if args.quick:
-            extra = extra + (["--steps", "2"] if script != "bench_generate.py" else ["--repeats", "1"])
+            extra = extra + quick  # a later flag wins in argparse
         cmd = [sys.executable, str(HERE / script), *extra]
         print(f"\n=== target {title}", flush=True)
         if subprocess.run(cmd, check=False).returncode:
