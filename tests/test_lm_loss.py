@@ -140,3 +140,51 @@ def test_a_head_that_disagrees_is_caught_once_and_never_used():
     with pytest.warns(UserWarning, match="fast loss"):
         out = m(**_batch())
     assert m._fused_ok is False and out.logits is not None
+
+
+def _fused_vs_own(m, batch):
+    torch.manual_seed(0)
+    out = m(**batch)
+    out.loss.backward()
+    fused = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    m.zero_grad()
+    torch.manual_seed(0)
+    ref = m(**batch, return_logits=True)
+    ref.loss.backward()
+    own = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    m.zero_grad()
+    return out, ref, fused, own
+
+
+def test_trainable_head_copy_gets_the_same_gradient():
+    m = _lora(tiny_llama(), modules_to_save=["lm_head"]).train()
+    out, ref, fused, own = _fused_vs_own(m, _batch())
+    assert out.logits is None
+    head = [n for n in fused if "modules_to_save" in n]
+    assert head, "the lm_head copy should train"
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for n in fused:
+        torch.testing.assert_close(fused[n], own[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_gradient_checkpointing_with_the_fused_loss():
+    base = tiny_llama()
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m = _lora(base).train()
+    out, ref, fused, own = _fused_vs_own(m, _batch())
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for n in fused:
+        torch.testing.assert_close(fused[n], own[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bfloat16_model_fused_loss_is_close_to_its_own():
+    m = _lora(tiny_llama().to(torch.bfloat16)).train()
+    out, ref, fused, own = _fused_vs_own(m, _batch())
+    assert out.logits is None and out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss.float(), rtol=2e-2, atol=2e-2)
+    for n in fused:
+        assert torch.isfinite(fused[n]).all(), n
