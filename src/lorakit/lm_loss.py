@@ -15,14 +15,16 @@ on a small batch and the callers (``LoraModel.forward``, the training loop) fall
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .ops import linear_cross_entropy
 
-__all__ = ["IGNORE_INDEX", "LossComputer", "check_fast_loss", "count_label_tokens", "fast_loss_sum",
+__all__ = ["IGNORE_INDEX", "FusedLossOutput", "LossComputer", "check_fast_loss", "count_label_tokens", "fast_loss_sum",
            "fast_path_parts", "hf_loss_sum", "unwrap_hf"]
 
 IGNORE_INDEX = -100
@@ -31,6 +33,27 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                      "logit_softcapping", "mup_width_scale")
 # Config switches that add terms of their own to the model's loss (mixture-of-experts router losses).
 _LOSS_TERMS = ("output_router_logits",)
+
+
+@dataclass
+class FusedLossOutput(ModelOutput):
+    """What ``LoraModel.forward`` returns when it computed the training loss fused: the loss, no logits.
+
+    ``out.loss`` / ``out["loss"]`` / ``out[0]`` as usual; ``"logits" in out`` is False and
+    ``getattr(out, "logits", None)`` is None; ``out.logits`` raises an AttributeError that says how to
+    get them.
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+
+    def __getattr__(self, name: str):
+        if name == "logits":
+            raise AttributeError(
+                "this output has no logits: lorakit computed the training loss fused (the LM head only at "
+                "labelled positions, never the full [tokens, vocab] logits). Call the model with "
+                "return_logits=True, or set model.fused_loss = False, to get the model's own output with logits "
+                "(e.g. for a trainer that reads them, such as TRL's token-accuracy metric).")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 def unwrap_hf(model: nn.Module) -> nn.Module:

@@ -225,8 +225,8 @@ class LoraModel(nn.Module):
 
         Training a causal LM with ``labels`` (``model.train()``, grad enabled, keyword inputs only), the
         loss comes from ``lorakit.lm_loss``: the head and cross-entropy only where labels count, chunk by
-        chunk, never the full [tokens, vocab] logits; the output then has ``loss`` and ``logits=None``, as
-        Liger's and unsloth's fused losses do. The first such call checks it against the model's own loss
+        chunk, never the full [tokens, vocab] logits; the output (``lm_loss.FusedLossOutput``) then has
+        ``loss`` and no logits, as Liger's and unsloth's fused losses do. The first such call checks it against the model's own loss
         once and keeps the model's own from then on if they differ. ``return_logits=True`` for one call, or
         ``model.fused_loss = False`` for all, gives the model's own forward with its logits.
         """
@@ -259,9 +259,7 @@ class LoraModel(nn.Module):
         return type(self.model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
     def _fused_loss_forward(self, kwargs: dict):
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        from .lm_loss import IGNORE_INDEX, check_fast_loss, fast_loss_sum, fast_path_parts
+        from .lm_loss import IGNORE_INDEX, FusedLossOutput, check_fast_loss, fast_loss_sum, fast_path_parts
 
         parts = fast_path_parts(self)
         if parts is None:
@@ -279,7 +277,7 @@ class LoraModel(nn.Module):
             denom = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         if isinstance(denom, torch.Tensor):
             denom = denom.to(total.device)
-        return CausalLMOutputWithPast(loss=total / denom, logits=None)
+        return FusedLossOutput(loss=total / denom)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         self._check_live()

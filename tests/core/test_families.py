@@ -166,4 +166,4 @@ def test_training_loss_with_labels_equals_the_models_own(family):
         if p.requires_grad:
             torch.testing.assert_close(fused[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
     # the fast path applies to every plain head(body(x)) family; soft-capped logits keep their own loss
-    assert (out.logits is None) == (family != "gemma2"), family
+    assert (getattr(out, "logits", None) is None) == (family != "gemma2"), family
