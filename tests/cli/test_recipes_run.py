@@ -10,8 +10,7 @@ from .conftest import SHARED
 
 # What each recipe needs to run offline: a local data file in place of its hub dataset.
 LOCAL = {
-    "job_a_alpaca_zh": ["--set", f"data.train={SHARED / 'alpaca' / 'alpaca_zh_demo.json'}",
-                        "--set", "lora.target_modules=null"],   # query_key_value is BLOOM's; Llama gets its default
+    "job_a_alpaca_zh": ["--set", f"data.train={SHARED / 'alpaca' / 'alpaca_zh_demo.json'}"],
     "job_b_raft": ["--set", f"data.train={SHARED / 'raft' / 'twitter_complaints' / 'train.csv'}"],
     "demo": [],
 }

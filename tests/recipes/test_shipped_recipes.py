@@ -22,7 +22,9 @@ def test_job_specs():
     a = load_recipe("job_a_alpaca_zh")
     assert (a.model.name, a.data.train, a.data.template, a.data.max_length) == (
         "Langboat/bloom-1b4-zh", "shibing624/alpaca-zh", "human_assistant", 256)
-    assert (a.lora.r, a.lora.alpha, a.lora.dropout, a.lora.target_modules) == (8, 32, 0.1, ("query_key_value",))
+    assert (a.lora.r, a.lora.alpha, a.lora.dropout, a.lora.target_modules) == (8, 32, 0.1, None)
+    from lorakit.targets import default_target_modules
+    assert tuple(default_target_modules("bloom")) == ("query_key_value",)  # the seed's target on its model
     b = load_recipe("job_b_raft")
     assert b.model.name == "bigscience/bloomz-560m" and b.data.template == "classification"
     assert b.data.max_length == 64 and b.data.label_names == ("complaint", "no complaint")
