@@ -127,7 +127,7 @@ def hf_loss_sum(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def check_fast_loss(model: nn.Module, parts: tuple[nn.Module, nn.Module], batch: dict[str, Any]) -> bool:
-    """Does the fast loss equal the model's own on (two rows of) ``batch``? Dropout off, RNG untouched.
+    """Does the fast loss equal the model's own on (one labelled row of) ``batch``? Dropout off, RNG untouched.
 
     Warns and returns False when they differ, so the caller uses the model's own loss from then on.
     """
