@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from lorakit.data.labels import LabelMapper, read_task_label_names
 from lorakit.errors import DataError
@@ -62,10 +62,11 @@ class Records(list):
         return super().__getitem__(i)
 
 
-def load_records(source: str | os.PathLike, *, split: str = "train", columns: Sequence[str] | None = None,
-                 label_column: str | None = None, label_names: Sequence[str] | None = None,
-                 subset: str | None = None) -> Records:
-    """Read ``source`` into a list of dicts (a :class:`Records`).
+def load_records(source: str | os.PathLike | Sequence[Mapping], *, split: str = "train",
+                 columns: Sequence[str] | None = None, label_column: str | None = None,
+                 label_names: Sequence[str] | None = None, subset: str | None = None) -> Records:
+    """Read ``source`` (a file, a folder, a hub dataset name, or records already in memory: a list of
+    dicts) into a list of dicts (a :class:`Records`).
 
     ``columns``: keep only these fields (each must exist in every row; the error lists those that do).
     ``label_column``: normalise that field to a label name. ``label_names`` is the label set; when not
@@ -74,13 +75,16 @@ def load_records(source: str | os.PathLike, *, split: str = "train", columns: Se
     such rows are dropped and counted in ``Records.n_unlabeled`` (with a log warning). A label outside
     the set is a :class:`DataError` naming the row, the label and the set.
     """
-    path = Path(os.fspath(source))
-    if path.exists():
-        if label_names is None and label_column is not None:
-            label_names = read_task_label_names(path, label_column)
-        rows, locations, name = _read_local(path, split)
+    if isinstance(source, (list, tuple)):
+        rows, locations, name = _read_memory(source)
     else:
-        rows, locations, name = _read_hub(os.fspath(source), split, subset)
+        path = Path(os.fspath(source))
+        if path.exists():
+            if label_names is None and label_column is not None:
+                label_names = read_task_label_names(path, label_column)
+            rows, locations, name = _read_local(path, split)
+        else:
+            rows, locations, name = _read_hub(os.fspath(source), split, subset)
 
     if not rows:
         raise DataError(f"{name} contains no records (split {split!r}); "
@@ -108,6 +112,17 @@ def load_records(source: str | os.PathLike, *, split: str = "train", columns: Se
                             f"{label_column!r}); use a labelled split (e.g. split='train'), or load without "
                             "label_column to read the rows for prediction.")
     return Records(rows, source=name, locations=locations, n_unlabeled=n_unlabeled)
+
+
+def _read_memory(records: Sequence[Any]) -> tuple[list[dict], list[str], str]:
+    name = "in-memory records"
+    rows = []
+    for i, r in enumerate(records):
+        if not isinstance(r, Mapping):
+            raise DataError(f"{name}: record {i} is a {type(r).__name__}, not a dict of fields; "
+                            f"pass a list of dicts such as {{'instruction': ..., 'output': ...}}.")
+        rows.append(dict(r))
+    return rows, [f"record {i}" for i in range(len(rows))], name
 
 
 # ---------------------------------------------------------------- local files

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from lorakit.errors import ConfigError, DataError
 from lorakit.train.config import TrainConfig
@@ -91,19 +91,29 @@ def _subset(records: list, n: Optional[int], seed: int) -> list:
     return [records[i] for i in idx]
 
 
-def load_data(cfg: TrainConfig, train: bool = True) -> tuple[list, list, tuple]:
-    """(train records, eval records, label names) as the recipe describes them."""
+def load_data(cfg: TrainConfig, train: bool = True, records: Optional[Sequence[dict]] = None,
+              eval_records: Optional[Sequence[dict]] = None) -> tuple[list, list, tuple]:
+    """(train records, eval records, label names) as the recipe describes them.
+
+    ``records`` / ``eval_records``: lists of dicts already in memory, used in place of ``data.train`` /
+    ``data.eval`` (checked and label-normalised as files are; e.g. the folds of a cross-validation).
+    Everything else of ``cfg.data`` (columns, labels, eval_fraction, max_*_samples) applies as usual.
+    """
     from lorakit.data import load_records
 
     d = cfg.data
-    if not d.train and not d.eval:
+    if records is None and eval_records is None and not d.train and not d.eval:
         raise ConfigError("data.train is empty; set it in the recipe or with --set data.train=PATH")
     kw = dict(columns=list(d.columns) if d.columns else None, label_column=d.label_column,
               label_names=list(d.label_names) if d.label_names else None, subset=d.subset)
     train_records: list = []
-    if d.train and (train or not d.eval):
+    if records is not None:
+        train_records = list(load_records(list(records), **kw))
+    elif d.train and (train or not (d.eval or eval_records is not None)):
         train_records = list(load_records(resolve_source(d.train), split=d.train_split, **kw))
-    if d.eval:
+    if eval_records is not None:
+        eval_records = list(load_records(list(eval_records), **kw))
+    elif d.eval:
         eval_records = list(load_records(resolve_source(d.eval), split=d.eval_split, **kw))
     elif d.eval_fraction > 0 and train_records:
         order = list(range(len(train_records)))
@@ -126,14 +136,18 @@ def load_data(cfg: TrainConfig, train: bool = True) -> tuple[list, list, tuple]:
     return train_records, eval_records, labels
 
 
-def prepare(cfg: TrainConfig, *, with_lora: bool = True, print_fn: Callable[[str], None] = print) -> Setup:
+def prepare(cfg: TrainConfig, *, with_lora: bool = True, print_fn: Callable[[str], None] = print,
+            records: Optional[Sequence[dict]] = None, eval_records: Optional[Sequence[dict]] = None) -> Setup:
+    """Model, tokenizer, template and tokenized data for ``cfg``; ``records`` / ``eval_records`` (lists of
+    dicts in memory) replace the recipe's data files (see ``load_data``)."""
     import torch
 
     from lorakit.data import Collator, tokenize_records
 
-    train_records, eval_records, labels = load_data(cfg)
+    train_records, eval_records, labels = load_data(cfg, records=records, eval_records=eval_records)
     if not train_records:
-        raise DataError(f"no training records in {cfg.data.train!r}")
+        where = "the records passed in" if records is not None else repr(cfg.data.train)
+        raise DataError(f"no training records in {where}")
     model, tokenizer = load_base(cfg)
     template = make_template(cfg)
     notes = []
