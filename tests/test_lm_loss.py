@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lorakit
-from tiny import ids, randomize_lora, tiny_bloom, tiny_gpt2, tiny_llama
+from tiny import fused_and_own, ids, randomize_lora, tiny_bloom, tiny_gpt2, tiny_llama
 
 
 def tiny_gptj():  # an LM head with a bias
@@ -43,10 +43,6 @@ def _batch(masked=True):
     return {"input_ids": x, "attention_mask": mask, "labels": labels}
 
 
-def _lora_grads(m):
-    return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_bloom, tiny_gptj, tiny_opt])
 @pytest.mark.parametrize("masked", [True, False])
 def test_training_forward_with_labels_is_fused_and_equals_the_models_loss(make, masked):
@@ -57,19 +53,11 @@ def test_training_forward_with_labels_is_fused_and_equals_the_models_loss(make, 
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
     m = _lora(base).train()
-    batch = _batch(masked)
-    torch.manual_seed(0)
-    out = m(**batch)
+    out, ref, fused, own = fused_and_own(m, _batch(masked))
     assert getattr(out, "logits", None) is None and m._fused_ok is True
-    out.loss.backward()
-    fused = _lora_grads(m)
-    m.zero_grad()
-    torch.manual_seed(0)
-    ref = m(**batch, return_logits=True)
     assert ref.logits is not None
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    ref.loss.backward()
-    for n, g in _lora_grads(m).items():
+    for n, g in own.items():
         torch.testing.assert_close(fused[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
@@ -152,23 +140,9 @@ def test_a_head_that_disagrees_is_caught_once_and_never_used():
     assert m._fused_ok is False and out.logits is not None
 
 
-def _fused_vs_own(m, batch):
-    torch.manual_seed(0)
-    out = m(**batch)
-    out.loss.backward()
-    fused = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
-    m.zero_grad()
-    torch.manual_seed(0)
-    ref = m(**batch, return_logits=True)
-    ref.loss.backward()
-    own = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
-    m.zero_grad()
-    return out, ref, fused, own
-
-
 def test_trainable_head_copy_gets_the_same_gradient():
     m = _lora(tiny_llama(), modules_to_save=["lm_head"]).train()
-    out, ref, fused, own = _fused_vs_own(m, _batch())
+    out, ref, fused, own = fused_and_own(m, _batch())
     assert getattr(out, "logits", None) is None
     head = [n for n in fused if "modules_to_save" in n]
     assert head, "the lm_head copy should train"
@@ -184,7 +158,7 @@ def test_gradient_checkpointing_with_the_fused_loss():
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m = _lora(base).train()
-    out, ref, fused, own = _fused_vs_own(m, _batch())
+    out, ref, fused, own = fused_and_own(m, _batch())
     assert getattr(out, "logits", None) is None
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     for n in fused:
@@ -193,7 +167,7 @@ def test_gradient_checkpointing_with_the_fused_loss():
 
 def test_bfloat16_model_fused_loss_is_close_to_its_own():
     m = _lora(tiny_llama().to(torch.bfloat16)).train()
-    out, ref, fused, own = _fused_vs_own(m, _batch())
+    out, ref, fused, own = fused_and_own(m, _batch())
     assert getattr(out, "logits", None) is None and out.loss.dtype == torch.float32
     torch.testing.assert_close(out.loss, ref.loss.float(), rtol=2e-2, atol=2e-2)
     for n in fused:

@@ -39,3 +39,19 @@ def randomize_lora(model, seed: int = 3) -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def fused_and_own(model, batch):
+    """One training forward + backward through LoraModel's fused loss and one through the model's own
+    (``return_logits=True``), same seed: (fused output, own output, fused grads, own grads) by name."""
+    def run(**kw):
+        torch.manual_seed(0)
+        out = model(**batch, **kw)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        return out, grads
+
+    out, fused = run()
+    ref, own = run(return_logits=True)
+    return out, ref, fused, own

@@ -18,6 +18,8 @@ from lorakit import LoraConfig, LoraModel, get_peft_model
 from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.targets import DEFAULT_TARGET_MODULES, default_target_modules
 
+from tiny import fused_and_own
+
 from .helpers import FAMILIES, assert_logits_close, batch_for, build, logits, perturb_lora, single_thread  # noqa: F401
 
 FAMILY_NAMES = sorted(FAMILIES)
@@ -153,17 +155,9 @@ def test_training_loss_with_labels_equals_the_models_own(family):
     model.train()
     batch = batch_for(family)
     batch["labels"][:, :3] = -100                              # a prompt that is not scored
-    torch.manual_seed(0)
-    out = model(**batch)
-    out.loss.backward()
-    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    torch.manual_seed(0)
-    ref = model(**batch, return_logits=True)
-    ref.loss.backward()
+    out, ref, fused, own = fused_and_own(model, batch)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(fused[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    for n, g in own.items():
+        torch.testing.assert_close(fused[n], g, rtol=1e-4, atol=1e-6, msg=n)
     # the fast path applies to every plain head(body(x)) family; soft-capped logits keep their own loss
     assert (getattr(out, "logits", None) is None) == (family != "gemma2"), family
