@@ -105,11 +105,8 @@ def lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
         factor = float(scaling) * keep_scale
     else:
         factor = float(scaling)
-    if not torch.is_grad_enabled():
-        delta = lora_delta(x, A, B, factor, None).to(result.dtype)
-        return result.add_(delta) if inplace else result + delta
-    if (x.dtype != A.dtype or result.dtype != A.dtype or x.shape[:-1] != result.shape[:-1]
-            or not (x.requires_grad or A.requires_grad or B.requires_grad)):
+    if (not torch.is_grad_enabled() or x.dtype != A.dtype or result.dtype != A.dtype
+            or x.shape[:-1] != result.shape[:-1] or not (x.requires_grad or A.requires_grad or B.requires_grad)):
         delta = lora_delta(x, A, B, factor, None).to(result.dtype)
         return result.add_(delta) if inplace else result + delta
     inplace = inplace and result._base is None and result.is_contiguous()
