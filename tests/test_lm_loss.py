@@ -46,29 +46,61 @@ def _batch(masked=True):
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_bloom, tiny_gptj, tiny_opt])
 @pytest.mark.parametrize("masked", [True, False])
 def test_training_forward_with_labels_is_fused_and_equals_the_models_loss(make, masked):
-    # dropout off (GPT-2 has its own): the fused path feeds one token less per row, so random masks
-    # would be drawn over other shapes; with dropout the two are equal in distribution, not in value
+    # the models' own dropout off (GPT-2 has some): LoRA dropout alone is checked with its masks below
     base = make()
     for mod in base.modules():
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
     m = _lora(base).train()
     out, ref, fused, own = fused_and_own(m, _batch(masked))
-    assert getattr(out, "logits", None) is None and m._fused_ok is True
-    assert ref.logits is not None
+    assert type(out).__name__ == "FusedLossOutput" and m._fused_ok is True
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)  # computed on reading, same values
     for n, g in own.items():
         torch.testing.assert_close(fused[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_fused_output_reads_like_a_model_output_and_explains_missing_logits():
+def test_fused_output_reads_like_a_model_output_and_makes_logits_only_when_read():
     m = _lora(tiny_llama()).train()
-    out = m(**_batch())
-    assert out[0] is out.loss and out["loss"] is out.loss and "logits" not in out
-    with pytest.raises(AttributeError, match="return_logits=True"):
-        out.logits
-    with pytest.raises(AttributeError, match="no attribute 'hidden_states'"):
-        out.hidden_states
+    batch = _batch()
+    m(**batch)  # the first call also checks the fused loss against the model's own forward
+    head = m.model.get_output_embeddings()
+    calls = []
+    hook = head.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape))
+    try:
+        out = m(**batch)
+        assert out[0] is out.loss and out["loss"] is out.loss
+        assert out.hidden_states is None and out.attentions is None and out.past_key_values is None
+        assert "logits" in out and not calls  # nothing computed the full logits yet
+        logits = out.logits
+        assert calls == [torch.Size([3, 9, 32])] and logits.shape == (3, 9, 100)
+        assert out["logits"] is logits and out[1] is logits and out.to_tuple() == (out.loss, logits)
+        assert len(calls) == 1  # computed once
+        with pytest.raises(AttributeError, match="no attribute 'foo'"):
+            out.foo
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        m.eval()
+        ref = m(**batch)
+    m.train()
+    torch.testing.assert_close(logits, ref.logits, rtol=0, atol=0)
+
+
+def test_logits_read_from_the_fused_output_backpropagate_like_the_models_own():
+    m = _lora(tiny_llama()).train()
+    batch = _batch()
+
+    def grads(**kw):
+        out = m(**batch, **kw)
+        (out.loss + out.logits.square().mean()).backward()
+        g = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+        m.zero_grad()
+        return g
+
+    fused, own = grads(), grads(return_logits=True)
+    for n, g in own.items():
+        torch.testing.assert_close(fused[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_with_dropout_the_fused_loss_is_reproducible_from_the_seed():
@@ -81,6 +113,16 @@ def test_with_dropout_the_fused_loss_is_reproducible_from_the_seed():
     torch.manual_seed(8)
     other = m(**batch).loss
     assert losses[0].item() == losses[1].item() != other.item()
+
+
+def test_with_dropout_fused_and_own_forward_draw_the_same_masks():
+    # the body sees every position in both paths, so the same seed gives the same masks and the same loss
+    m = _lora(tiny_llama(), lora_dropout=0.3).train()
+    out, ref, fused, own = fused_and_own(m, _batch())
+    assert type(out).__name__ == "FusedLossOutput"
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for n, g in own.items():
+        torch.testing.assert_close(fused[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_eval_no_labels_and_switched_off_keep_the_models_forward():
@@ -143,7 +185,8 @@ def test_a_head_that_disagrees_is_caught_once_and_never_used():
 def test_trainable_head_copy_gets_the_same_gradient():
     m = _lora(tiny_llama(), modules_to_save=["lm_head"]).train()
     out, ref, fused, own = fused_and_own(m, _batch())
-    assert getattr(out, "logits", None) is None
+    assert type(out).__name__ == "FusedLossOutput"
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
     head = [n for n in fused if "modules_to_save" in n]
     assert head, "the lm_head copy should train"
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
@@ -159,7 +202,8 @@ def test_gradient_checkpointing_with_the_fused_loss():
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m = _lora(base).train()
     out, ref, fused, own = fused_and_own(m, _batch())
-    assert getattr(out, "logits", None) is None
+    assert type(out).__name__ == "FusedLossOutput"
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     for n in fused:
         torch.testing.assert_close(fused[n], own[n], rtol=1e-4, atol=1e-6, msg=n)
@@ -168,7 +212,9 @@ def test_gradient_checkpointing_with_the_fused_loss():
 def test_bfloat16_model_fused_loss_is_close_to_its_own():
     m = _lora(tiny_llama().to(torch.bfloat16)).train()
     out, ref, fused, own = fused_and_own(m, _batch())
-    assert getattr(out, "logits", None) is None and out.loss.dtype == torch.float32
+    assert type(out).__name__ == "FusedLossOutput" and out.loss.dtype == torch.float32
+    assert out.logits.dtype == ref.logits.dtype
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
     torch.testing.assert_close(out.loss, ref.loss.float(), rtol=2e-2, atol=2e-2)
     for n in fused:
         assert torch.isfinite(fused[n]).all(), n

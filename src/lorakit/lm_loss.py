@@ -24,8 +24,8 @@ from transformers.utils import ModelOutput
 
 from .ops import linear_cross_entropy
 
-__all__ = ["IGNORE_INDEX", "FusedLossOutput", "LossComputer", "check_fast_loss", "count_label_tokens", "fast_loss_sum",
-           "fast_path_parts", "hf_loss_sum", "unwrap_hf"]
+__all__ = ["IGNORE_INDEX", "FusedLossOutput", "LossComputer", "body_hidden", "check_fast_loss", "count_label_tokens",
+           "fast_loss_sum", "fast_path_parts", "fused_output", "hf_loss_sum", "labelled_loss_sum", "unwrap_hf"]
 
 IGNORE_INDEX = -100
 # Config attributes that insert something between the head and the logits HF's loss sees.
@@ -37,23 +37,61 @@ _LOSS_TERMS = ("output_router_logits",)
 
 @dataclass
 class FusedLossOutput(ModelOutput):
-    """What ``LoraModel.forward`` returns when it computed the training loss fused: the loss, no logits.
+    """What ``LoraModel.forward`` returns when it computed the training loss fused.
 
-    ``out.loss`` / ``out["loss"]`` / ``out[0]`` as usual; ``"logits" in out`` is False and
-    ``getattr(out, "logits", None)`` is None; ``out.logits`` raises an AttributeError that says how to
-    get them.
+    ``out.loss`` / ``out["loss"]`` / ``out[0]`` as usual. The logits were not needed for the loss, so
+    they are computed only when read (``out.logits``, ``out["logits"]``, ``out[1]``): the LM head over
+    the body's final hidden states, which the output keeps, exactly as the model's own forward
+    computes them; in grad mode they backpropagate like the model's own. A training loop that only
+    calls ``out.loss.backward()`` never pays for them. The KV cache (``cache`` / ``past_key_values``),
+    ``hidden_states`` and ``attentions`` are None: the fused path runs only without them.
     """
 
     loss: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+
+    def _logits(self) -> torch.Tensor:
+        source = self.__dict__.get("_logits_source")
+        if source is None:
+            raise AttributeError("this output has no logits")
+        head, hidden = source
+        logits = head(hidden)
+        self.__dict__["_logits_source"] = None  # computed once; the hidden states are not kept twice
+        self["logits"] = logits  # a key from now on: to_tuple() and out[1] include it
+        return logits
 
     def __getattr__(self, name: str):
         if name == "logits":
-            raise AttributeError(
-                "this output has no logits: lorakit computed the training loss fused (the LM head only at "
-                "labelled positions, never the full [tokens, vocab] logits). Call the model with "
-                "return_logits=True, or set model.fused_loss = False, to get the model's own output with logits "
-                "(e.g. for a trainer that reads them, such as TRL's token-accuracy metric).")
+            return self._logits()
+        if name in ("cache", "past_key_values", "cache_params"):  # the KV cache's names across transformers
+            return None                                           # versions: none in a training forward
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __getitem__(self, key):
+        # out[0] is the loss; the logits come second, as in the model's own output
+        if isinstance(key, str):
+            if key == "logits" and self.__dict__.get("_logits_source") is not None:
+                self._logits()
+            return super().__getitem__(key)
+        if key != 0 and self.__dict__.get("_logits_source") is not None:
+            self._logits()
+        return ModelOutput.to_tuple(self)[key]
+
+    def __contains__(self, key) -> bool:
+        return super().__contains__(key) or (key == "logits" and self.__dict__.get("_logits_source") is not None)
+
+    def to_tuple(self) -> tuple:
+        if self.__dict__.get("_logits_source") is not None:
+            self._logits()
+        return super().to_tuple()
+
+
+def fused_output(loss: torch.Tensor, head: nn.Module, hidden: torch.Tensor) -> FusedLossOutput:
+    """A FusedLossOutput whose logits, when read, are ``head(hidden)``."""
+    out = FusedLossOutput(loss=loss)
+    out.__dict__["_logits_source"] = (head, hidden)
+    return out
 
 
 def unwrap_hf(model: nn.Module) -> nn.Module:
@@ -98,17 +136,25 @@ def _linear_of(head: nn.Module) -> nn.Linear | None:
     return active if type(active) is nn.Linear else None
 
 
-def fast_loss_sum(body: nn.Module, head: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Sum of the token cross-entropies over labelled positions (divide by the token count for the mean).
+def body_hidden(body: nn.Module, batch: dict[str, Any], drop_last: bool = True) -> torch.Tensor:
+    """The body's final hidden states [batch, positions, hidden] for ``batch``'s inputs.
 
-    The last position of a row predicts nothing (its label would lie beyond the row) and, under a causal
-    mask, no earlier position reads it: the body runs on ``input_ids[:, :-1]`` (one token per row less
-    work; 3% of a 36-token row). ``check_fast_loss`` catches models whose attention is not causal.
+    ``drop_last``: the last position of a row predicts nothing (its label would lie beyond the row)
+    and, under a causal mask, no earlier position reads it, so the body runs on ``input_ids[:, :-1]``
+    (one token per row less work; 3% of a 36-token row). ``check_fast_loss`` catches models whose
+    attention is not causal.
     """
-    extra = {k: batch[k][..., :-1] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
-    out = body(input_ids=batch["input_ids"][:, :-1], use_cache=False, **extra)
-    hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
-    labels = batch["labels"][:, 1:]
+    cut = (lambda t: t[..., :-1]) if drop_last else (lambda t: t)
+    extra = {k: cut(batch[k]) for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
+    out = body(input_ids=cut(batch["input_ids"]), use_cache=False, **extra)
+    return out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
+
+
+def labelled_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of CE(head(hidden[b, t]), labels[b, t]) over positions whose label is not -100.
+
+    ``hidden`` and ``labels`` are already aligned (hidden at t predicts labels[:, t]).
+    """
     mask = labels != IGNORE_INDEX
     picked = hidden[mask]                           # (n_tokens, hidden)
     targets = labels[mask]
@@ -117,6 +163,14 @@ def fast_loss_sum(body: nn.Module, head: nn.Module, batch: dict[str, Any]) -> to
         return linear_cross_entropy(picked, linear.weight, targets, bias=linear.bias)
     logits = head(picked).float()                   # a head lorakit cannot split: its own forward
     return nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def fast_loss_sum(body: nn.Module, head: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Sum of the token cross-entropies over labelled positions (divide by the token count for the mean).
+
+    The body runs on one position per row less (see ``body_hidden``).
+    """
+    return labelled_loss_sum(body_hidden(body, batch), head, batch["labels"][:, 1:])
 
 
 def hf_loss_sum(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:

@@ -225,10 +225,12 @@ class LoraModel(nn.Module):
 
         Training a causal LM with ``labels`` (``model.train()``, grad enabled, keyword inputs only), the
         loss comes from ``lorakit.lm_loss``: the head and cross-entropy only where labels count, chunk by
-        chunk, never the full [tokens, vocab] logits; the output (``lm_loss.FusedLossOutput``) then has
-        ``loss`` and no logits, as Liger's and unsloth's fused losses do. The first such call checks it against the model's own loss
-        once and keeps the model's own from then on if they differ. ``return_logits=True`` for one call, or
-        ``model.fused_loss = False`` for all, gives the model's own forward with its logits.
+        chunk, never the full [tokens, vocab] logits at once. The output (``lm_loss.FusedLossOutput``)
+        has the same loss and computes its logits only when they are read (``out.logits``: the head over
+        the kept final hidden states, the model's own values), so a loop that only backpropagates the loss
+        never makes them. The first such call checks the loss against the model's own once and keeps the
+        model's own from then on if they differ. ``return_logits=True`` for one call, or
+        ``model.fused_loss = False`` for all, runs the model's own forward unchanged.
         """
         self._check_live()
         rows = contextlib.nullcontext()
@@ -259,7 +261,8 @@ class LoraModel(nn.Module):
         return type(self.model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
     def _fused_loss_forward(self, kwargs: dict):
-        from .lm_loss import IGNORE_INDEX, FusedLossOutput, check_fast_loss, fast_loss_sum, fast_path_parts
+        from .lm_loss import (IGNORE_INDEX, body_hidden, check_fast_loss, fast_path_parts, fused_output,
+                              labelled_loss_sum)
 
         parts = fast_path_parts(self)
         if parts is None:
@@ -271,13 +274,17 @@ class LoraModel(nn.Module):
             self._fused_ok = check_fast_loss(self, parts, batch)
             if not self._fused_ok:
                 return self.model(**kwargs)
-        total = fast_loss_sum(*parts, batch)
+        body, head = parts
+        # every position through the body (not one less, as the training loop's loss does): the output's
+        # logits, computed only if read, then have the shape and values of the model's own
+        hidden = body_hidden(body, batch, drop_last=False)
+        total = labelled_loss_sum(hidden[:, :-1], head, batch["labels"][:, 1:])
         denom = kwargs.get("num_items_in_batch")
         if denom is None:
             denom = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         if isinstance(denom, torch.Tensor):
             denom = denom.to(total.device)
-        return FusedLossOutput(loss=total / denom)
+        return fused_output(total / denom, head, hidden)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         self._check_live()
