@@ -64,3 +64,43 @@ def test_qlora_trains_saves_and_loads_on_full_precision_base(tmp_path, tiny_dir)
 def test_bad_quant_type():
     with pytest.raises(LoraError, match="quant_type"):
         bnb_4bit_config(quant_type="int3")
+
+
+def test_peft_named_prepare_model_for_kbit_training():
+    from lorakit import prepare_model_for_kbit_training
+    from tiny import tiny_llama
+
+    model = tiny_llama()
+    assert prepare_model_for_kbit_training(model, use_gradient_checkpointing=False) is model
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="use_reentrant"):
+        prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_evaluating_a_4bit_model_between_steps_keeps_gradients_and_weights(tiny_dir):
+    # bitsandbytes repacks 4-bit weights for a CPU inference kernel without backward the first time a
+    # layer runs in eval mode (on AVX512-BF16 CPUs, like the dev VM); lorakit must keep training exact,
+    # including after the fused loss's own one-time check (an eval-mode forward)
+    def run(eval_first, fused):
+        model = prepare_for_kbit_training(_load4bit(tiny_dir), gradient_checkpointing=False)
+        torch.manual_seed(1)
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        x = ids()
+        if eval_first:
+            pm.eval()
+            with torch.no_grad():
+                pm(x)
+        pm.train()
+        pm(input_ids=x, labels=x, return_logits=not fused).loss.backward()
+        state = {k: v.clone() for k, v in pm.model.state_dict().items() if "lora_" not in k}
+        return {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}, state
+
+    grads, weights = run(eval_first=False, fused=False)  # nothing ever ran in eval mode
+    assert len(grads) == 28
+    for eval_first, fused in [(True, False), (False, True)]:
+        other, other_weights = run(eval_first, fused)
+        assert other.keys() == grads.keys()
+        for n, g in grads.items():
+            torch.testing.assert_close(other[n], g, rtol=1e-4, atol=1e-6, msg=f"{n} eval_first={eval_first}")
+        for k, v in weights.items():
+            assert torch.equal(other_weights[k], v), k

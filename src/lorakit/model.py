@@ -21,8 +21,9 @@ from .layers import LoraLayer, ModulesToSave, wrapper_for
 from .layers.routing import BASE, adapter_rows
 from .ops import SharedDropout
 from .plan import PEFT_PREFIX, AdapterPlan, plan_adapter
+from .quant import guard_cpu_4bit_training, is_quantized_model
 
-__all__ = ["LoraModel", "PeftModel", "get_peft_model"]
+__all__ = ["LoraModel", "PeftModel", "get_peft_model", "get_peft_model_state_dict", "set_peft_model_state_dict"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _ADAPTER_KEY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_dropout|modules_to_save)\.([^.]+)(?=\.|$)")
@@ -45,6 +46,8 @@ class LoraModel(nn.Module):
         self._fused_ok: bool | None = None  # fused loss checked against the model's own: None = not yet
         for p in model.parameters():
             p.requires_grad_(False)
+        if is_quantized_model(model):
+            guard_cpu_4bit_training(model)  # bitsandbytes' CPU inference packing would cut the gradient
         self.add_adapter(adapter_name, config)
 
     # -- attribute passthrough --------------------------------------------------------------
@@ -218,6 +221,26 @@ class LoraModel(nn.Module):
         finally:
             for l in layers:
                 l.disable_adapters = False
+
+    def disable_adapter_layers(self) -> None:
+        """Switch every adapter off until ``enable_adapter_layers()`` (peft's method; merged ones are unmerged)."""
+        self._check_live()
+        for layer in [l for _, l in self.lora_layers()] + [w for _, w in self._saved_wrappers()]:
+            layer.disable_adapters = True
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers()``."""
+        self._check_live()
+        for layer in [l for _, l in self.lora_layers()] + [w for _, w in self._saved_wrappers()]:
+            layer.disable_adapters = False
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (with the LoRA layers in it), as peft's ``get_base_model``."""
+        return self.model
+
+    @property
+    def peft_type(self) -> str:
+        return "LORA"
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Sequence[str] | None = None, return_logits: bool = False, **kwargs):
@@ -453,6 +476,32 @@ PeftModel = LoraModel  # the name peft users have in their code
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> LoraModel:
     """Wrap ``model`` with a fresh LoRA adapter (peft's entry point, same signature)."""
     return LoraModel(model, peft_config, adapter_name)
+
+
+def get_peft_model_state_dict(model: LoraModel, state_dict: dict | None = None,
+                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """peft's function: the adapter's weights under PEFT key names (``model.lora_state_dict``).
+
+    ``state_dict`` (peft's optional argument) is not supported: the weights are read from the model.
+    """
+    _require_lora_model(model, "get_peft_model_state_dict")
+    if state_dict is not None:
+        raise LoraError("get_peft_model_state_dict(model, state_dict=...) is not supported; lorakit reads the "
+                        "adapter's weights from the model itself: call it without state_dict.")
+    return model.lora_state_dict(adapter_name)
+
+
+def set_peft_model_state_dict(model: LoraModel, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default") -> None:
+    """peft's function: load PEFT-named weights into an existing adapter (every key and shape checked first)."""
+    _require_lora_model(model, "set_peft_model_state_dict")
+    model.load_lora_state_dict(peft_model_state_dict, adapter_name)
+
+
+def _require_lora_model(model, what: str) -> None:
+    if not isinstance(model, LoraModel):
+        raise LoraError(f"{what} needs a model wrapped by lorakit.get_peft_model (a LoraModel); "
+                        f"got {type(model).__name__}.")
 
 
 def _peft_key(key: str, adapter_name: str) -> str | None:

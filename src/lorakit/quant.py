@@ -14,7 +14,8 @@ from torch import nn
 
 from .errors import LoraError
 
-__all__ = ["bnb_4bit_config", "prepare_for_kbit_training", "is_quantized_model"]
+__all__ = ["bnb_4bit_config", "guard_cpu_4bit_training", "prepare_for_kbit_training", "prepare_model_for_kbit_training",
+           "is_quantized_model"]
 
 
 def _require_bnb() -> None:
@@ -51,6 +52,41 @@ def is_quantized_model(model: nn.Module) -> bool:
     return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
 
 
+def guard_cpu_4bit_training(model: nn.Module) -> int:
+    """Keep bitsandbytes from repacking ``model``'s 4-bit weights for its CPU inference kernel.
+
+    bitsandbytes (>= 0.47) repacks a Linear4bit's weight the first time the layer runs in eval mode
+    without grad on a CPU with AVX512-BF16, and keeps it packed. That kernel has no backward: later
+    training forwards pass no gradient through the base layer (silently wrong LoRA gradients in every
+    layer below; an evaluation between training steps is enough), and unpacking does not restore the
+    quantisation state exactly. So lorakit switches that path off for the models it wraps: evaluation
+    then runs the same dequantising matmul as training. A layer already packed (evaluated before
+    wrapping) is unpacked, with a warning. Returns the number of 4-bit layers seen. Idempotent.
+    """
+    n, repacked = 0, 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ != "Params4bit":
+            continue
+        n += 1
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            repacked += 1
+    if repacked:
+        import warnings
+
+        warnings.warn(f"{repacked} 4-bit layers had been repacked by bitsandbytes for CPU inference (the model ran "
+                      "in eval mode before lorakit wrapped it); they were unpacked for training, which changes "
+                      "their quantisation state slightly. Wrap the model before evaluating it to avoid this.",
+                      stacklevel=3)
+    return n
+
+
 def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
     """Get a 4/8-bit model ready for LoRA training (call before get_peft_model).
 
@@ -71,3 +107,17 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+    """peft's name and signature for ``prepare_for_kbit_training``.
+
+    ``gradient_checkpointing_kwargs`` other than ``use_reentrant=False`` (lorakit's choice: the
+    non-reentrant form works with frozen inputs) are refused rather than silently dropped.
+    """
+    extra = dict(gradient_checkpointing_kwargs or {})
+    if extra and extra != {"use_reentrant": False}:
+        raise ValueError(f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r} is not supported; "
+                         "lorakit always checkpoints with use_reentrant=False (pass None).")
+    return prepare_for_kbit_training(model, gradient_checkpointing=use_gradient_checkpointing)
