@@ -220,3 +220,41 @@ def test_per_row_routing_with_repeated_rows_and_unequal_ranks():
     torch.testing.assert_close(mixed[2:], a_out[2:])
     torch.testing.assert_close(batched[[0, 2, 3]], a_out[[0, 2, 3]])
     torch.testing.assert_close(batched[1], base[1])
+
+
+def test_peft_named_helpers_work_as_in_peft(tmp_path):
+    import lorakit
+
+    model = tiny_llama()
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(pm)
+    x = ids()
+    assert pm.get_base_model() is model and pm.peft_type == "LORA" == pm.peft_config["default"].peft_type
+    with torch.no_grad():
+        adapted = pm(x).logits
+        pm.disable_adapter_layers()
+        plain = pm(x).logits
+        pm.enable_adapter_layers()
+        again = pm(x).logits
+    with torch.no_grad(), pm.disable_adapter():
+        torch.testing.assert_close(pm(x).logits, plain)
+    assert not torch.allclose(adapted, plain)
+    torch.testing.assert_close(again, adapted)
+
+    sd = lorakit.get_peft_model_state_dict(pm)
+    assert sd.keys() == pm.lora_state_dict().keys()
+    other = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lorakit.set_peft_model_state_dict(other, sd)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x).logits, adapted)
+    with pytest.raises(LoraError, match="state_dict"):
+        lorakit.get_peft_model_state_dict(pm, state_dict={})
+    with pytest.raises(LoraError, match="LoraModel"):
+        lorakit.get_peft_model_state_dict(model)
+    bad = dict(sd)
+    bad.pop(next(iter(bad)))
+    with pytest.raises(Exception, match="missing"):
+        lorakit.set_peft_model_state_dict(other, bad)
+
+    pm.peft_config["default"].save_pretrained(tmp_path)
+    assert LoraConfig.from_pretrained(tmp_path) == pm.peft_config["default"]

@@ -308,6 +308,15 @@ class LoraConfig:
         os.replace(tmp, path)
         return path
 
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """peft's name for ``save``."""
+        return self.save(directory)
+
+    @property
+    def peft_type(self) -> str:
+        """Always "LORA" (written into adapter_config.json, as peft expects)."""
+        return "LORA"
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "LoraConfig":
         """Read ``directory/adapter_config.json`` (or a path to the JSON file itself)."""
