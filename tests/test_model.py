@@ -258,3 +258,36 @@ def test_peft_named_helpers_work_as_in_peft(tmp_path):
 
     pm.peft_config["default"].save_pretrained(tmp_path)
     assert LoraConfig.from_pretrained(tmp_path) == pm.peft_config["default"]
+
+
+def test_linear_subclass_output_modified_in_place_downstream_trains():
+    # Falcon's FalconLinear + ``mlp_output += attention_output``: the wrapped layer's output must not be a
+    # view made inside lorakit's autograd function, or the in-place add fails in training
+    class MyLinear(torch.nn.Linear):
+        pass
+
+    class Net(torch.nn.Module):
+        def __init__(self, inplace):
+            super().__init__()
+            self.proj, self.inplace = MyLinear(8, 6), inplace
+
+        def forward(self, x):
+            y = self.proj(x)
+            if self.inplace:
+                y += x[..., :6]
+            else:
+                y = y + x[..., :6]
+            return y.square().sum()
+
+    x = torch.randn(2, 3, 8)
+    grads = []
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        m = get_peft_model(Net(inplace), LoraConfig(r=2, target_modules=["proj"], lora_dropout=0.0))
+        randomize_lora(m)
+        m.train()
+        m(x).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)

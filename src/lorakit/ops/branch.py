@@ -67,7 +67,10 @@ class _AddBranch(torch.autograd.Function):
             ctx.mark_dirty(result)
             out = result
         else:
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), h, B.t()).view(result.shape)
+            # a fresh tensor, not a view of one: the caller may modify the output in place
+            # (Falcon's ``mlp_output += attention_output`` after a Linear subclass)
+            out = torch.empty(result.shape, dtype=result.dtype, device=result.device)
+            torch.addmm(result.reshape(-1, result.shape[-1]), h, B.t(), out=out.view(-1, out.shape[-1]))
         ctx.save_for_backward(x, A, B, h)
         ctx.factor = factor
         return out
