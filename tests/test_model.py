@@ -291,3 +291,32 @@ def test_linear_subclass_output_modified_in_place_downstream_trains():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+
+
+def test_a_second_adapter_is_refused_when_any_trains_the_shared_biases(tmp_path):
+    pm = get_peft_model(tiny_bloom(), LoraConfig(r=4, bias="all"))
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    with pytest.raises(LoraError, match="bias='none' for every adapter"):
+        pm.add_adapter("other", LoraConfig(r=4))
+    assert set(pm.peft_config) == {"default"}
+    assert all(torch.equal(v, before[k]) for k, v in pm.state_dict().items()) and pm.state_dict().keys() == before.keys()
+    plain = get_peft_model(tiny_bloom(), LoraConfig(r=4))
+    with pytest.raises(LoraError, match="bias='lora_only'"):
+        plain.add_adapter("other", LoraConfig(r=4, bias="lora_only"))
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(LoraError, match="shares|shared|every adapter"):
+        plain.load_adapter(tmp_path, adapter_name="biased")
+
+
+def test_loading_for_inference_switches_dropout_off(tmp_path):
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.5))
+    pm.save_pretrained(tmp_path)
+    base = tiny_llama().train()
+    loaded = LoraModel.from_pretrained(base, tmp_path)
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    trainable = LoraModel.from_pretrained(tiny_llama().train(), tmp_path, is_trainable=True)
+    assert trainable.model.training
+    other = get_peft_model(tiny_llama().train(), LoraConfig(r=4))
+    other.train()
+    other.load_adapter(tmp_path, adapter_name="second")
+    assert not other.training

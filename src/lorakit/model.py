@@ -105,6 +105,14 @@ class LoraModel(nn.Module):
             )
         if adapter_name in self.peft_config:
             raise LoraError(f"adapter {adapter_name!r} exists already; delete_adapter() it first or pick another name.")
+        with_bias = [n for n, c in self.peft_config.items() if c.bias != "none"]
+        if self.peft_config and (config.bias != "none" or with_bias):
+            who = f"adapter {with_bias[0]!r} has bias={self.peft_config[with_bias[0]].bias!r}" if with_bias else \
+                f"the new adapter has bias={config.bias!r}"
+            raise LoraError(
+                f"cannot add adapter {adapter_name!r}: {who}. bias='all'/'lora_only' trains the base model's own "
+                f"biases, which every adapter shares, so one adapter's biases would change the others' outputs. "
+                f"Use bias='none' for every adapter when a model holds several (peft has the same rule).")
         wrapped = {n for n, _ in self.lora_layers()}
         plan = plan_adapter(self.model, config, wrapped=wrapped)  # raises before anything changes
         dropout = SharedDropout(config.lora_dropout) if config.lora_dropout > 0 else None
@@ -442,6 +450,8 @@ class LoraModel(nn.Module):
         config, weights = _read_checked(self.model, adapter_dir, is_trainable, allow_pickle, wrapped)
         self.add_adapter(adapter_name, config)
         self.load_lora_state_dict(weights, adapter_name)
+        if not is_trainable:
+            self.eval()  # loaded for inference: dropout off, as peft's load_adapter does
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
@@ -450,6 +460,8 @@ class LoraModel(nn.Module):
         config, weights = _read_checked(model, adapter_dir, is_trainable, allow_pickle, set())
         out = cls(model, config, adapter_name)
         out.load_lora_state_dict(weights, adapter_name)
+        if not is_trainable:
+            out.eval()  # loaded for inference: dropout off, as peft's from_pretrained does
         return out
 
 
