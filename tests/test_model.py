@@ -320,3 +320,26 @@ def test_loading_for_inference_switches_dropout_off(tmp_path):
     other.train()
     other.load_adapter(tmp_path, adapter_name="second")
     assert not other.training
+
+
+def test_per_row_adapters_route_modules_to_save_copies_too():
+    # each row's head is its own adapter's trained copy; "__base__" rows and adapters without a copy use the
+    # original (peft's rule); the LoRA layers and the head must agree row by row
+    x = ids(batch=4)
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, modules_to_save=["lm_head"]))
+    pm.add_adapter("b", LoraConfig(r=4))  # no head copy
+    randomize_lora(pm)
+    with torch.no_grad():
+        pm.model.lm_head.modules_to_save["default"].weight.add_(torch.randn_like(pm.model.lm_head.weight))
+        a_out = pm(x).logits
+        pm.set_adapter("b")
+        b_out = pm(x).logits
+        with pm.disable_adapter():
+            base = pm(x).logits
+        pm.set_adapter("default")
+        mixed = pm(x, adapter_names=["default", "__base__", "b", "default"]).logits
+    assert not torch.allclose(a_out[1], base[1], atol=1e-3)
+    torch.testing.assert_close(mixed[0], a_out[0])
+    torch.testing.assert_close(mixed[1], base[1])
+    torch.testing.assert_close(mixed[2], b_out[2])
+    torch.testing.assert_close(mixed[3], a_out[3])

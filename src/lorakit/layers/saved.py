@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
+
+from .routing import current_rows
 
 __all__ = ["ModulesToSave"]
 
@@ -35,7 +38,38 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
-        return self.active_module(*args, **kwargs)
+        rows = current_rows()
+        if rows is None or self.disable_adapters or not args or not isinstance(args[0], torch.Tensor):
+            return self.active_module(*args, **kwargs)
+        return self._routed(rows, *args, **kwargs)
+
+    def _module_for(self, name: str) -> nn.Module:
+        """Each row's module: its adapter's copy, or the original for "__base__" and adapters without one."""
+        return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+
+    def _routed(self, rows: tuple[str, ...], x: torch.Tensor, *args, **kwargs):
+        """One adapter per row (``adapter_names``): rows go through their own copy, as in peft."""
+        n = x.shape[0]
+        if len(rows) != n:
+            if not rows or n % len(rows):
+                from ..errors import LoraError
+
+                raise LoraError(f"adapter_names has {len(rows)} entries but the batch has {n} rows.")
+            rows = tuple(r for r in rows for _ in range(n // len(rows)))  # beams / repeated rows
+        groups: dict[int, tuple[nn.Module, list[int]]] = {}
+        for i, name in enumerate(rows):
+            module = self._module_for(name)
+            groups.setdefault(id(module), (module, []))[1].append(i)
+        if len(groups) == 1:
+            return next(iter(groups.values()))[0](x, *args, **kwargs)
+        out = None
+        for module, idx in groups.values():
+            index = torch.tensor(idx, device=x.device)
+            part = module(x.index_select(0, index), *args, **kwargs)
+            if out is None:
+                out = part.new_empty((n,) + tuple(part.shape[1:]))
+            out = out.index_copy(0, index, part)
+        return out
 
     def __getattr__(self, name: str):
         try:
