@@ -106,6 +106,24 @@ def test_target_missing_in_model(tmp_path):
         LoraModel.from_pretrained(tiny_llama(), tmp_path)
 
 
+def test_saved_targets_the_model_partly_lacks_load_when_the_weights_match(tmp_path):
+    # peft records names a model may lack (blip-2's default lists q, v, q_proj, v_proj for its sub-models;
+    # its own wrapper paths): loading goes by the file's keys, which must still match one by one
+    pm = _saved(tmp_path, target_modules=["q_proj"])
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "query_key_value", "classifier.original_module"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    x = ids()
+    loaded = LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, pm(x).logits, atol=0, rtol=0)
+    other = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    other.load_adapter(tmp_path, adapter_name="second")
+    assert "second" in other.peft_config
+    with pytest.raises(Exception, match="match no module"):  # building a config by hand stays strict
+        get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "query_key_value"]))
+
+
 def test_nan_weights_refused(tmp_path):
     _saved(tmp_path)
     path = tmp_path / "adapter_model.safetensors"

@@ -32,7 +32,8 @@ _ADAPTER_KEY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|l
 class LoraModel(nn.Module):
     """A model with LoRA adapters. Calls and unknown attributes go to the wrapped model."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", *,
+                 _strict_targets: bool = True):
         super().__init__()
         if isinstance(model, LoraModel):
             raise LoraError("the model already has LoRA adapters; use add_adapter() on it for another one.")
@@ -48,7 +49,7 @@ class LoraModel(nn.Module):
             p.requires_grad_(False)
         if is_quantized_model(model):
             guard_cpu_4bit_training(model)  # bitsandbytes' CPU inference packing would cut the gradient
-        self.add_adapter(adapter_name, config)
+        self._add_adapter(adapter_name, config, strict=_strict_targets)
 
     # -- attribute passthrough --------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -95,6 +96,10 @@ class LoraModel(nn.Module):
     # -- adapters ---------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Inject a new adapter (it becomes active if none is)."""
+        self._add_adapter(adapter_name, config, strict=True)
+
+    def _add_adapter(self, adapter_name: str, config: LoraConfig, strict: bool) -> None:
+        """``strict=False`` when loading a file: target entries matching nothing pass (see plan_adapter)."""
         self._check_live()
         if not isinstance(config, LoraConfig):
             raise LoraError(f"config must be a lorakit.LoraConfig; got {type(config).__name__}.")
@@ -114,7 +119,7 @@ class LoraModel(nn.Module):
                 f"biases, which every adapter shares, so one adapter's biases would change the others' outputs. "
                 f"Use bias='none' for every adapter when a model holds several (peft has the same rule).")
         wrapped = {n for n, _ in self.lora_layers()}
-        plan = plan_adapter(self.model, config, wrapped=wrapped)  # raises before anything changes
+        plan = plan_adapter(self.model, config, wrapped=wrapped, strict=strict)  # raises before any change
         dropout = SharedDropout(config.lora_dropout) if config.lora_dropout > 0 else None
         for spec in plan.targets:
             module = self.model.get_submodule(spec.name)
@@ -448,7 +453,7 @@ class LoraModel(nn.Module):
             raise LoraError(f"adapter {adapter_name!r} exists already; pick another adapter_name or delete it first.")
         wrapped = {n for n, _ in self.lora_layers()}
         config, weights = _read_checked(self.model, adapter_dir, is_trainable, allow_pickle, wrapped)
-        self.add_adapter(adapter_name, config)
+        self._add_adapter(adapter_name, config, strict=False)
         self.load_lora_state_dict(weights, adapter_name)
         if not is_trainable:
             self.eval()  # loaded for inference: dropout off, as peft's load_adapter does
@@ -458,7 +463,7 @@ class LoraModel(nn.Module):
                         is_trainable: bool = False, allow_pickle: bool = False, **_ignored) -> "LoraModel":
         """Wrap ``model`` with the adapter saved in ``adapter_dir`` (peft's ``PeftModel.from_pretrained``)."""
         config, weights = _read_checked(model, adapter_dir, is_trainable, allow_pickle, set())
-        out = cls(model, config, adapter_name)
+        out = cls(model, config, adapter_name, _strict_targets=False)
         out.load_lora_state_dict(weights, adapter_name)
         if not is_trainable:
             out.eval()  # loaded for inference: dropout off, as peft's from_pretrained does
@@ -474,7 +479,7 @@ def _read_checked(model: nn.Module, adapter_dir: str | os.PathLike, is_trainable
     if config.inference_mode == is_trainable:
         config = config.replace(inference_mode=not is_trainable)
     try:
-        plan = plan_adapter(model, config, wrapped=wrapped)
+        plan = plan_adapter(model, config, wrapped=wrapped, strict=False)  # the file's keys are checked instead
     except LoraError as e:
         raise AdapterLoadError(f"adapter at {adapter_dir} does not fit this model: {e}") from None
     check_state_dict(weights, plan.expected_keys(), what=f"adapter file in {adapter_dir}")
@@ -527,18 +532,38 @@ def _peft_key(key: str, adapter_name: str) -> str | None:
     return PEFT_PREFIX + key
 
 
+#: peft's keys for a parameter inside a modules_to_save wrapper: (head path, parameter name)
+_PEFT_WRAPPER_KEY = re.compile(r"^(.*?)\.(?:modules_to_save|original_module)\.(.+)$")
+
+
+def _peft_wrapper_duplicate(key: str, value: torch.Tensor, expected: dict[str, tuple[int, ...]]) -> bool:
+    """Is ``key`` peft's extra copy of an expected head parameter (``<head>.modules_to_save[.<adapter>].<p>``
+    or ``<head>.original_module.<p>``, written with bias="all") with that parameter's shape?"""
+    m = _PEFT_WRAPPER_KEY.match(key)
+    if not m:
+        return False
+    head, rest = m.groups()
+    candidates = [rest] + ([rest.split(".", 1)[1]] if "." in rest else [])  # with or without the adapter name
+    return any(tuple(expected.get(f"{head}.{c}", ())) == tuple(value.shape) for c in candidates)
+
+
 def check_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str
                      ) -> dict[str, torch.Tensor]:
     """Refuse a state dict with missing or unexpected keys, wrong shapes or non-finite values.
 
-    Keys peft adds for a targeted embedding's base weight (``...base_layer.weight``) are accepted
-    and dropped. Returns the entries to load.
+    Extra keys peft writes are accepted and dropped: a targeted embedding's base weight
+    (``...base_layer.weight``), and with ``bias="all"`` the biases it finds inside a saved head's
+    wrapper (``<head>.modules_to_save.bias``, a second copy of ``<head>.bias``, and
+    ``<head>.original_module.bias``, the untouched original) when ``<head>.<param>`` is expected with
+    the same shape. Returns the entries to load.
     """
     clean: dict[str, torch.Tensor] = {}
     unexpected, wrong = [], []
     for key, value in state_dict.items():
         if key not in expected:
             if key.endswith(".base_layer.weight"):
+                continue
+            if _peft_wrapper_duplicate(key, value, expected):
                 continue
             unexpected.append(key)
             continue

@@ -138,11 +138,13 @@ def _modules_to_save(config: LoraConfig, names: list[str]) -> tuple[str, ...]:
     return tuple(found)
 
 
-def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | None = None) -> AdapterPlan:
+def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | None = None,
+                 strict: bool = True) -> AdapterPlan:
     """Work out targets, shapes and saved keys of ``config`` on ``model``; the model is not changed.
 
     ``wrapped`` names the module paths already wrapped by other adapters (their biases are named
-    ``<path>.base_layer.bias`` in PEFT files).
+    ``<path>.base_layer.bias`` in PEFT files). ``strict=False`` (loading a saved adapter) lets
+    target_modules entries that match nothing pass (see ``targets.select_targets``).
     """
     mods = list(plain_modules(model))
     kinds = {n: module_kind(m) for n, m in mods}
@@ -158,6 +160,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | No
         output_heads=_output_heads(model, paths),
         modules_to_save=saved,
         model_name=type(model).__name__,
+        strict=strict,
     )
     targets = []
     for n in names:

@@ -155,11 +155,15 @@ def select_targets(
     output_heads: Sequence[str] = (),
     modules_to_save: Sequence[str] = (),
     model_name: str = "the model",
+    strict: bool = True,
 ) -> list[str]:
     """Names of the modules to wrap, in model order.
 
     ``modules`` maps each module path to its :func:`module_kind`. ``output_heads`` are never
     targeted by "all-linear"; ``modules_to_save`` (and their children) are never targeted.
+    ``strict``: every listed target_modules entry must match a module (a typo is an error). Loading
+    a saved adapter passes False: peft records entries a model may lack (a family default's names
+    for other sub-models, its own wrapper paths), and the file's keys are checked one by one instead.
     """
     spec = config.target_modules
     explicit = spec is not None
@@ -176,7 +180,7 @@ def select_targets(
     else:
         candidates = [n for n in modules if n and _matches_any(n, spec)]
 
-    if explicit and isinstance(spec, tuple):
+    if explicit and strict and isinstance(spec, tuple):
         # each listed name must match something: a typo is an error even when other names match
         missing = [e for e in spec if not any(_name_matches(n, e) for n in candidates)]
         if missing:

@@ -180,6 +180,20 @@ def test_bias_modes_match_peft_on_bloom(bias, tmp_path):
     assert_logits_close(logits(LoraModel.from_pretrained(build("bloom"), tmp_path), batch), expected)
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_peft_bias_all_adapter_with_a_saved_head_loads(family, tmp_path):
+    """peft writes extra bias copies from inside the head's wrapper (modules_to_save / original_module)."""
+    ours, theirs = _pair(family, bias="all")
+    perturb_lora(theirs)
+    theirs.save_pretrained(tmp_path)
+    batch = batch_for(family)
+    batch.pop("labels", None)
+    expected = logits(theirs, batch)
+    loaded = LoraModel.from_pretrained(build(family), tmp_path)
+    assert_logits_close(logits(loaded, batch), expected)
+    assert set(loaded.lora_state_dict()) <= set(peft.get_peft_model_state_dict(theirs))
+
+
 def test_second_adapter_file_loads_in_peft(tmp_path):
     """A named (non-default) adapter goes into its own subfolder, which peft loads as an adapter folder."""
     ours = get_peft_model(build("llama"), LoraConfig(r=4))
