@@ -150,17 +150,19 @@ def body_hidden(body: nn.Module, batch: dict[str, Any], drop_last: bool = True) 
     return out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
 
 
-def labelled_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+def labelled_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                      half_scale: float = 1.0) -> torch.Tensor:
     """Sum of CE(head(hidden[b, t]), labels[b, t]) over positions whose label is not -100.
 
-    ``hidden`` and ``labels`` are already aligned (hidden at t predicts labels[:, t]).
+    ``hidden`` and ``labels`` are already aligned (hidden at t predicts labels[:, t]). ``half_scale``:
+    see ``ops.linear_cross_entropy`` (1/N when the caller divides the sum by N).
     """
     mask = labels != IGNORE_INDEX
     picked = hidden[mask]                           # (n_tokens, hidden)
     targets = labels[mask]
     linear = _linear_of(head)
     if linear is not None:
-        return linear_cross_entropy(picked, linear.weight, targets, bias=linear.bias)
+        return linear_cross_entropy(picked, linear.weight, targets, bias=linear.bias, half_scale=half_scale)
     logits = head(picked).float()                   # a head lorakit cannot split: its own forward
     return nn.functional.cross_entropy(logits, targets, reduction="sum")
 

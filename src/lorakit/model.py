@@ -314,10 +314,11 @@ class LoraModel(nn.Module):
         # every position through the body (not one less, as the training loop's loss does): the output's
         # logits, computed only if read, then have the shape and values of the model's own
         hidden = body_hidden(body, batch, drop_last=False)
-        total = labelled_loss_sum(hidden[:, :-1], head, batch["labels"][:, 1:])
         denom = kwargs.get("num_items_in_batch")
         if denom is None:
             denom = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        scale = 1.0 / max(float(denom), 1.0)  # half-precision heads round their gradient after the 1/N, as HF
+        total = labelled_loss_sum(hidden[:, :-1], head, batch["labels"][:, 1:], half_scale=scale)
         if isinstance(denom, torch.Tensor):
             denom = denom.to(total.device)
         return fused_output(total / denom, head, hidden)

@@ -303,3 +303,36 @@ def test_inference_mode_trains_nothing():
     theirs = _peft_model(build("bloom"), task_type=peft.TaskType.CAUSAL_LM, r=8, target_modules={'query_key_value'},
                          lora_alpha=32, lora_dropout=0.1, inference_mode=True)
     assert theirs.get_nb_trainable_parameters() == model.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "gpt2"])
+def test_half_precision_base_matches_peft_bit_for_bit(family):
+    """float32 adapters over a bf16 base: the update is added in float32 and rounded once (forward,
+    merge), and the fused loss rounds the logits' gradient after its 1/N, all as peft + HF do."""
+    kw = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear")
+    base = build(family).to(torch.bfloat16)
+    theirs_base = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(theirs_base, peft.LoraConfig(**kw))
+    ours = get_peft_model(base, LoraConfig(**kw))
+    perturb_lora(theirs)
+    _copy_theirs_into_ours(ours, theirs)
+    assert {p.dtype for n, p in ours.named_parameters() if p.requires_grad} == {torch.float32}
+    batch = batch_for(family)
+    torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), rtol=0, atol=0)
+    grads = []
+    for m, prefix in ((ours, "model."), (theirs, "base_model.model.")):
+        m.train()
+        m(**batch).loss.backward()  # ours: the fused loss
+        grads.append({n.removeprefix(prefix): p.grad for n, p in m.named_parameters() if p.requires_grad})
+        m.eval()
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[1].items():
+        torch.testing.assert_close(grads[0][n], g, rtol=0, atol=0, msg=n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged_theirs = theirs.merge_and_unload()
+    merged_ours = ours.merge_and_unload()
+    for (n, a), (_, b) in zip(merged_ours.state_dict().items(), merged_theirs.state_dict().items()):
+        assert torch.equal(a, b), n

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraError
+from ..ops import add_delta
 from .routing import BASE, current_rows
 
 __all__ = ["LoraLayer"]
@@ -119,7 +120,7 @@ class LoraLayer(nn.Module):
                     )
                 w.data.copy_(new.to(w.dtype))
             else:
-                w.data += delta.to(w.dtype)
+                w.data += delta  # a float32 delta into a half-precision weight: one rounding, as peft
             self.merged_adapters.append(name)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
@@ -129,7 +130,7 @@ class LoraLayer(nn.Module):
         for name in names:
             if name not in self.merged_adapters:
                 continue
-            w.data -= self.delta_weight(name).to(w.dtype)
+            w.data -= self.delta_weight(name)
             self.merged_adapters.remove(name)
 
     # -- forward ----------------------------------------------------------------------------
@@ -154,8 +155,7 @@ class LoraLayer(nn.Module):
         torch's own Linear/Embedding do not keep their output for backward, so the update goes in
         place there (no new tensor); kinds with a fused kernel override this.
         """
-        delta = self._delta(name, x).to(result.dtype)
-        return result.add_(delta) if self._inplace_ok else result + delta
+        return add_delta(result, self._delta(name, x), self._inplace_ok)
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
         if self.merged_adapters:
@@ -166,23 +166,23 @@ class LoraLayer(nn.Module):
                 raise LoraError(f"adapter_names has {len(rows)} entries but the batch has {n} rows.")
             rows = tuple(r for r in rows for _ in range(n // len(rows)))  # beams / repeated rows
         if self._can_batch(rows):
-            delta = self._batched_delta(x, rows).to(result.dtype)
-            return result.add_(delta) if self._inplace_ok else result + delta
+            return add_delta(result, self._batched_delta(x, rows), self._inplace_ok)
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(rows):
             groups.setdefault(name, []).append(i)
+        # float32 adapters over a half-precision base: sum in float32, round once at the end (as peft)
+        work = None
         for name, idx in groups.items():
-            if name == BASE:
-                continue
-            if name not in self.r:
-                continue  # this layer is not targeted by that adapter
+            if name == BASE or name not in self.r:
+                continue  # the base model's rows, or an adapter that does not target this layer
             if len(idx) == n:
-                result = result + self._delta(name, x).to(result.dtype)
+                delta = self._delta(name, x)
+                work = (result.to(delta.dtype) if work is None else work) + delta
                 continue
             index = torch.tensor(idx, device=x.device)
-            delta = self._delta(name, x.index_select(0, index)).to(result.dtype)
-            result = result.index_add(0, index, delta)
-        return result
+            delta = self._delta(name, x.index_select(0, index))
+            work = (result.to(delta.dtype) if work is None else work).index_add(0, index, delta)
+        return result if work is None else work.to(result.dtype)
 
     def _can_batch(self, rows: tuple[str, ...]) -> bool:
         """One batched product for all rows: needs the same rank everywhere and no active dropout."""

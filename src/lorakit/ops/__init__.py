@@ -6,8 +6,8 @@ lives here, so layers and the loss never change when the kernels do.
 """
 from __future__ import annotations
 
-from .branch import lora_add, lora_delta
+from .branch import add_delta, lora_add, lora_delta
 from .cross_entropy import linear_cross_entropy
 from .dropout import SharedDropout
 
-__all__ = ["SharedDropout", "linear_cross_entropy", "lora_add", "lora_delta"]
+__all__ = ["SharedDropout", "add_delta", "linear_cross_entropy", "lora_add", "lora_delta"]

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from .dropout import SharedDropout
 
-__all__ = ["lora_add", "lora_delta"]
+__all__ = ["add_delta", "lora_add", "lora_delta"]
 
 
 def _drop(x: torch.Tensor, dropout: nn.Module | None) -> tuple[torch.Tensor, float]:
@@ -48,6 +48,19 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
         # linear's backward needs its input and weight, not its output: scaling h in place is safe
         h = h.mul_(factor)
     return F.linear(h, B)
+
+
+def add_delta(result: torch.Tensor, delta: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``result + delta``, into ``result`` when ``inplace``.
+
+    A delta in a wider dtype (float32 adapters over a bf16/fp16 base) is added in that dtype and the
+    sum rounded once to the result's dtype, as peft does; rounding the delta first and then the sum
+    would round twice.
+    """
+    if delta.dtype == result.dtype:
+        return result.add_(delta) if inplace else result + delta
+    total = result.to(delta.dtype) + delta
+    return result.copy_(total) if inplace else total.to(result.dtype)
 
 
 class _AddBranch(torch.autograd.Function):
@@ -110,7 +123,6 @@ def lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
         factor = float(scaling)
     if (not torch.is_grad_enabled() or x.dtype != A.dtype or result.dtype != A.dtype
             or x.shape[:-1] != result.shape[:-1] or not (x.requires_grad or A.requires_grad or B.requires_grad)):
-        delta = lora_delta(x, A, B, factor, None).to(result.dtype)
-        return result.add_(delta) if inplace else result + delta
+        return add_delta(result, lora_delta(x, A, B, factor, None), inplace)
     inplace = inplace and result._base is None and result.is_contiguous()
     return _AddBranch.apply(result, x, A, B, factor, inplace)

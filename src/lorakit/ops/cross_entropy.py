@@ -34,7 +34,7 @@ def _chunk_rows(vocab: int, rows: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, half_scale: float):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n = hidden.shape[0]
         vocab = weight.shape[0]
@@ -67,7 +67,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             probs = logp.exp_()  # d loss / d logits = softmax - onehot
             probs[torch.arange(m, device=probs.device), t] -= 1.0
-            g = probs if fp32 else probs.to(weight.dtype)
+            # half precision: scale before rounding to the head's dtype, where HF's loss has its 1/N
+            g = probs if fp32 else (probs if half_scale == 1.0 else probs * half_scale).to(weight.dtype)
             if need_h:
                 if fp32 and m > 4 * _FEW_ROWS:
                     torch.mm(g, weight, out=grad_h[start:end])
@@ -79,25 +80,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_b += probs.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.half_scale = 1.0 if fp32 else half_scale
         return total
 
     @staticmethod
     def backward(ctx, grad):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         wdt, bdt = ctx.dtypes
-        out_h = (grad_h * grad.to(grad_h.dtype)) if grad_h is not None else None
+        # grad_h already holds half_scale (half precision only): the usual backward grad is 1/N * 1.0 there
+        g_h = grad if ctx.half_scale == 1.0 else grad / ctx.half_scale
+        out_h = (grad_h * g_h.to(grad_h.dtype)) if grad_h is not None else None
         out_w = (grad_w * grad).to(wdt) if grad_w is not None else None
         out_b = (grad_b * grad).to(bdt) if grad_b is not None else None
-        return out_h, out_w, out_b, None, None
+        return out_h, out_w, out_b, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, half_scale: float = 1.0) -> torch.Tensor:
     """Sum over rows of ``cross_entropy(hidden @ weight.T + bias, targets)``, in float32.
 
     hidden [..., H], weight [V, H], targets [...] (rows equal to ``ignore_index`` count nothing).
-    Divide by the number of counted rows for the mean.
+    Divide by the number of counted rows for the mean. ``half_scale``: for a half-precision head, the
+    factor the caller will multiply the sum by (1/N for a mean): the logits' gradient is then rounded
+    to the head's dtype after scaling, as in HF's loss, which gives the same gradients bit for bit
+    when the loss's own gradient is 1. Float32 ignores it.
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: "
@@ -113,4 +120,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal {ignore_index}; "
                          f"got values in [{int(targets.min())}, {int(targets.max())}]")
     chunk = chunk_rows or _chunk_rows(weight.shape[0], hidden.shape[0])
-    return _LinearCrossEntropy.apply(hidden.contiguous(), weight, bias, targets, int(chunk))
+    return _LinearCrossEntropy.apply(hidden.contiguous(), weight, bias, targets, int(chunk), float(half_scale))
