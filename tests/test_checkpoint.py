@@ -160,3 +160,27 @@ def test_other_base_model_name_warns(tmp_path):
     model.config._name_or_path = "org/model-b"
     with pytest.warns(UserWarning, match="made for 'org/model-a'"):
         LoraModel.from_pretrained(model, tmp_path)
+
+
+def test_saved_config_records_what_peft_writes(tmp_path):
+    from tiny import tiny_gpt2
+
+    pm = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"]))
+    pm.save_pretrained(tmp_path / "gpt2")
+    cfg = json.loads((tmp_path / "gpt2" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True and cfg["inference_mode"] is True and cfg["peft_type"] == "LORA"
+    assert pm.peft_config["default"].fan_in_fan_out is False  # the live config is not changed
+    loaded = LoraModel.from_pretrained(tiny_gpt2(), tmp_path / "gpt2", is_trainable=True)
+    assert loaded.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=3))
+    seq = get_peft_model(bert, LoraConfig(r=2, task_type="SEQ_CLS"))
+    seq.save_pretrained(tmp_path / "bert")
+    cfg = json.loads((tmp_path / "bert" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["classifier"]
+    keys = load_file(tmp_path / "bert" / "adapter_model.safetensors").keys()
+    assert "base_model.model.classifier.weight" in keys

@@ -54,6 +54,14 @@ def save_adapter(model: "LoraModel", directory: str | os.PathLike, adapter_name:
         name = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
         if name:
             config = config.replace(base_model_name_or_path=name)
+    # what peft writes, for readers that go by the config: saved heads chosen by the task type (SEQ_CLS's
+    # classifier/score), fan_in_fan_out for Conv1D targets (GPT-2), inference_mode true on disk
+    changes = {"inference_mode": True}
+    if config.modules_to_save is None and plan.modules_to_save:
+        changes["modules_to_save"] = sorted({p.rsplit(".", 1)[-1] for p in plan.modules_to_save})
+    if not config.fan_in_fan_out and any(t.kind == "conv1d" for t in plan.targets):
+        changes["fan_in_fan_out"] = True
+    config = config.replace(**changes)
     weights = model.lora_state_dict(adapter_name)
     atomic_save_file(weights, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     config.save(directory)
