@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterLoadError, LoraError
+from .forward_signature import signed_forward
 from .layers import LoraLayer, ModulesToSave, wrapper_for
 from .layers.routing import BASE, adapter_rows
 from .ops import SharedDropout
@@ -31,6 +32,9 @@ _ADAPTER_KEY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|l
 
 class LoraModel(nn.Module):
     """A model with LoRA adapters. Calls and unknown attributes go to the wrapped model."""
+
+    #: tells transformers' Trainer that adapters are attached (it refuses to train a quantized base without)
+    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", *,
                  _strict_targets: bool = True):
@@ -256,6 +260,7 @@ class LoraModel(nn.Module):
         return "LORA"
 
     # -- forward ----------------------------------------------------------------------------
+    @signed_forward  # instance.forward shows the wrapped model's parameters (HF Trainer reads them)
     def forward(self, *args, adapter_names: Sequence[str] | None = None, return_logits: bool = False, **kwargs):
         """Forward of the wrapped model. ``adapter_names`` (one per row; "__base__" for none) mixes adapters in a batch.
 

@@ -1,0 +1,40 @@
+"""A LoraModel under transformers' Trainer: columns kept, labels found, eval loss, adapters in checkpoints."""
+import inspect
+
+import torch
+
+from lorakit import LoraConfig, LoraModel, get_peft_model
+from lorakit.integrations import SaveAdapterCallback
+
+from tiny import tiny_llama
+
+
+def test_trainer_trains_evaluates_and_checkpoints_the_adapter(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 98, (8, 8))
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * 8] * 8, "labels": ids.tolist(),
+                           "text": ["unused"] * 8})
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8))
+    params = inspect.signature(model.forward).parameters
+    assert {"input_ids", "attention_mask", "labels", "adapter_names"} <= set(params)
+    before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                             max_steps=2, learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="steps",
+                             save_steps=2, dataloader_num_workers=0, seed=0)  # remove_unused_columns: default True
+    trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds, callbacks=[SaveAdapterCallback()])
+    assert trainer.label_names == ["labels"]
+    out = trainer.train()
+    assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and metrics["eval_loss"] > 0
+    ckpt = tmp_path / "checkpoint-2"
+    assert (ckpt / "adapter_config.json").is_file() and (ckpt / "adapter_model.safetensors").is_file()
+    loaded = LoraModel.from_pretrained(tiny_llama(), ckpt)
+    x = ids[:2]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
