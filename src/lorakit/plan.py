@@ -106,6 +106,12 @@ def plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _output_heads(model: nn.Module, paths: dict[int, str]) -> list[str]:
+    """The output layer "all-linear" leaves out: the model's output embeddings (the LM head), as peft.
+
+    Task heads (classifier, score, qa_outputs) are not excluded here: with a SEQ_CLS/TOKEN_CLS/
+    QUESTION_ANS task_type they are saved whole (modules_to_save) and so never targeted; without a
+    task_type peft wraps them like any linear layer, and so does lorakit.
+    """
     heads = []
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -113,10 +119,6 @@ def _output_heads(model: nn.Module, paths: dict[int, str]) -> list[str]:
         head = _unwrap(head)
         if id(head) in paths:
             heads.append(paths[id(head)])
-    for attr in ("classifier", "score", "qa_outputs"):
-        mod = getattr(model, attr, None)
-        if isinstance(mod, nn.Module) and id(_unwrap(mod)) in paths:
-            heads.append(paths[id(_unwrap(mod))])
     return heads
 
 

@@ -152,7 +152,10 @@ def test_options_match_peft_on_llama(options, tmp_path):
     ("t5", dict(layers_to_transform=[1])),
     ("bloom", dict(target_modules=r".*\.h\.1\..*(query_key_value|dense_4h_to_h)")),
     ("bart", dict(target_modules=["q_proj", "v_proj"], exclude_modules=r".*decoder.*")),
-], ids=["gpt2-layers", "t5-layers", "bloom-regex", "bart-exclude-regex"])
+    # no task_type: the classification head is a linear layer like any other (peft wraps it too)
+    ("bert", dict(task_type=None, target_modules="all-linear")),
+    ("roberta", dict(task_type=None, target_modules="all-linear")),
+], ids=["gpt2-layers", "t5-layers", "bloom-regex", "bart-exclude-regex", "bert-no-task", "roberta-no-task"])
 def test_selection_matches_peft(family, options):
     ours, theirs = _pair(family, **options)
     _assert_same_structure(ours, theirs)
