@@ -162,6 +162,28 @@ def test_other_base_model_name_warns(tmp_path):
         LoraModel.from_pretrained(model, tmp_path)
 
 
+def test_embedded_model_aliases_and_its_cache_folder_are_the_same_base(tmp_path, monkeypatch):
+    import warnings
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    from lorakit.models.embedded import embedded_cache_path
+
+    _saved(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "embedded"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    for loaded_as in (str(embedded_cache_path()), str(embedded_cache_path()) + "/", "SmolLM2-135M-Instruct"):
+        model = tiny_llama()
+        model.config._name_or_path = loaded_as
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "made for another model" warning
+            LoraModel.from_pretrained(model, tmp_path)
+    model = tiny_llama()
+    model.config._name_or_path = "org/other"
+    with pytest.warns(UserWarning, match="made for 'embedded'"):
+        LoraModel.from_pretrained(model, tmp_path)
+
+
 def test_saved_config_records_what_peft_writes(tmp_path):
     from tiny import tiny_gpt2
 

@@ -104,12 +104,22 @@ def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tu
     return config, weights
 
 
+def _model_key(name_or_path: str) -> str:
+    """A model's name for comparison: the embedded model's aliases and cache folder are one name."""
+    from .models.embedded import embedded_cache_path, is_embedded_alias
+
+    name = name_or_path.rstrip("/")
+    if is_embedded_alias(name) or os.path.abspath(os.path.expanduser(name)) == os.path.abspath(embedded_cache_path()):
+        return "embedded"
+    return os.path.basename(name)
+
+
 def warn_if_other_base(config: LoraConfig, model, directory: str) -> None:
     """Shapes catch most mismatches; a differing recorded base-model name catches the rest (a warning:
     a local path and a hub name can mean the same model)."""
     made_for = config.base_model_name_or_path
     this = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if made_for and this and os.path.basename(made_for.rstrip("/")) != os.path.basename(str(this).rstrip("/")):
+    if made_for and this and _model_key(made_for) != _model_key(str(this)):
         warnings.warn(
             f"adapter in {directory} was made for {made_for!r} but is loaded on {this!r}; its shapes fit, "
             f"but its weights were trained on another model.", stacklevel=3)
