@@ -160,3 +160,32 @@ def test_resume_is_exact_with_lora_dropout(tmp_path):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def test_a_new_run_refuses_a_folder_holding_another_run_unless_overwrite(tmp_path):
+    cfg = config_from_dict({}, BASE + ["train.max_steps=4", "output.save_every=2", "output.keep_last=2"])
+    ex = tiny_examples(8)
+    train_loop(make_model(), ex, pad_batch, cfg, tmp_path, print_fn=lambda s: None)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    # a second fresh run into the same folder would mix its checkpoints with the old ones (keep_last
+    # pruned by step number deleted the new run's own) and leave the old adapter looking like the new
+    short = config_from_dict({}, BASE + ["train.max_steps=2", "output.save_every=1"])
+    with pytest.raises(TrainingError, match="already holds a run .*--resume.*--overwrite"):
+        train_loop(make_model(1), ex, pad_batch, short, tmp_path, print_fn=lambda s: None)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing touched
+    res = train_loop(make_model(1), ex, pad_batch, short, tmp_path, print_fn=lambda s: None, overwrite=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
+    assert res.checkpoint.name == "step-000002" and res.checkpoint.is_dir()
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_resume(tmp_path):
+    cfg = config_from_dict({}, BASE + ["train.max_steps=2"])  # save_every None: a checkpoint at the end only
+    ex = tiny_examples(8)
+    res = train_loop(make_model(), ex, pad_batch, cfg, tmp_path, print_fn=lambda s: None)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002"] and res.checkpoint is not None
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(TrainingError, match="end of its run .*nothing to resume"):
+        train_loop(make_model(), ex, pad_batch, cfg, tmp_path, resume="latest", print_fn=lambda s: None)
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics

@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import time
+    from pathlib import Path
 
     from lorakit.train.recipe import load_recipe
 
@@ -52,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"zero-shot accuracy: {zero.accuracy:.1%} ({zero.n_invalid} of {zero.n} answers were not a label)")
 
     print("\n-- LoRA fine-tuning --", flush=True)
-    outputs = train(cfg, setup=setup)
+    from lorakit.train.loop import RUN_OUTPUTS
+
+    if any((Path(cfg.output.dir) / name).exists() for name in RUN_OUTPUTS):
+        print(f"(replacing the previous demo run in {cfg.output.dir})")
+    outputs = train(cfg, setup=setup, overwrite=True)  # the demo's own folder: each run replaces the last
     res, report = outputs.result, outputs.report
 
     print("\n-- fine-tuned --")

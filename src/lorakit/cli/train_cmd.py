@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key (dotted, e.g. lora.r=16, train.lr=1e-4, model=embedded); "
                         "repeatable; the value is parsed as the key's type.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in the output folder (refused without it)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR|latest",
                    help="continue from a checkpoint folder, or (no value / `latest`) the newest one under "
                         "output.dir/checkpoints. Use the same recipe and overrides as the first run.")
@@ -57,9 +59,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.recipe, overrides)
     from lorakit.train.run import train
 
-    outputs = train(cfg, resume=args.resume)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite starts a new run and --resume continues one: pass only one of them")
+    outputs = train(cfg, resume=args.resume, overwrite=args.overwrite)
     res = outputs.result
-    print(f"done: {res.steps} steps, final loss {res.final_loss:.4f}, {res.tokens:,d} tokens in {res.seconds:.0f}s")
+    loss = f"{res.final_loss:.4f}" if res.final_loss is not None else "n/a"
+    print(f"done: {res.steps} steps, final loss {loss}, {res.tokens:,d} tokens in {res.seconds:.0f}s")
     for k, v in res.eval.items():
         print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
     if outputs.report is not None:

@@ -118,7 +118,7 @@ class OutputSection:
 
     dir: str = _f("outputs/run", "Output folder: adapter/, checkpoints/, metrics.jsonl, tb/, loss.png.")
     save_every: Optional[int] = _f(None, "Write a resumable checkpoint every N optimizer steps (None = only at "
-                                   "the end).")
+                                   "the end; the end of a run always gets one).")
     keep_last: int = _f(2, "Keep only this many most recent checkpoints (0 = keep all).")
     merge: bool = _f(False, "Also write the merged model (base + adapter) to <dir>/merged.")
     plot: bool = _f(True, "Write the loss curve to <dir>/loss.png.")

@@ -67,12 +67,20 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
                eval_examples: Optional[list[dict]] = None,
                extra_eval: Optional[Callable[[torch.nn.Module], dict]] = None,
                resume: str | Path | None = None,
-               print_fn: Callable[[str], None] = print) -> TrainResult:
-    """Train ``model`` in place; write checkpoints, metrics, the adapter and the loss plot to output_dir."""
+               print_fn: Callable[[str], None] = print,
+               overwrite: bool = False) -> TrainResult:
+    """Train ``model`` in place; write checkpoints, metrics, the adapter and the loss plot to output_dir.
+
+    A fresh run (no ``resume``) refuses an output_dir that holds another run's outputs, unless
+    ``overwrite`` (which removes them first): mixing two runs' checkpoints, adapter and metrics in one
+    folder would make the old ones look like the new run's.
+    """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     out = Path(output_dir or cfg.output.dir)
+    if resume is None:
+        clear_for_new_run(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if not train_examples:
         raise TrainingError("no training examples; check data.train and the template's columns")
@@ -104,6 +112,10 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
             raise TrainingError(f"checkpoint {ckpt} was written by a run of {state['total_steps']} steps, this "
                                 f"recipe makes {total}; resume with the same train.* settings")
         step, epoch, pos, order = state["step"], state["epoch"], state["pos"], state["order"]
+        if step >= total:
+            raise TrainingError(f"checkpoint {ckpt} is the end of its run (step {step} of {total}): nothing to "
+                                f"resume. Its adapter is in {out / 'adapter'}; to train more, start a new run "
+                                f"(another output.dir, or --overwrite).")
         tokens_seen, elapsed_before = state.get("tokens", 0), state.get("seconds", 0.0)
         last_good = ckpt
         print_fn(f"resumed from {ckpt} at step {step}/{total}")
@@ -198,7 +210,7 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
             last_eval = evaluate()
             if last_eval:
                 log.log({"step": step, **last_eval}, prefix="eval/")
-        if cfg.output.save_every and saved_at != step:
+        if saved_at != step:  # the end of the run is always resumable-from (save_every None: only here)
             last_good = save_checkpoint(out, step, raw_model, optimizer, scheduler, trainer_state(),
                                         cfg.output.keep_last)
     finally:
@@ -214,6 +226,26 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
                        checkpoint=last_good or (list_checkpoints(out) or [None])[-1], adapter_dir=adapter_dir,
                        loss_plot=plot, tokens=tokens_seen + run_tokens, seconds=train_seconds,
                        fast_loss=loss_fn.is_fast)
+
+
+#: what a training run writes into its output folder (recipe.yaml is rewritten by every run)
+RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "tb", "merged")
+
+
+def clear_for_new_run(out: Path, overwrite: bool) -> None:
+    """Refuse (or with ``overwrite`` remove) another run's outputs in ``out`` before a fresh run."""
+    import shutil
+
+    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise TrainingError(
+            f"output folder {out} already holds a run ({', '.join(found)}). Continue it with --resume, replace it "
+            f"with --overwrite, or write elsewhere (--output-dir DIR / --set output.dir=DIR).")
+    for name in found:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def _format_eval(step: int, metrics: dict) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from lorakit.errors import ConfigError, DataError
 from lorakit.train.config import TrainConfig
-from lorakit.train.loop import TrainResult, train_loop
+from lorakit.train.loop import TrainResult, clear_for_new_run, train_loop
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -190,12 +190,15 @@ class RunOutputs:
 
 
 def train(cfg: TrainConfig, *, resume: str | Path | None = None, output_dir: str | Path | None = None,
-          setup: Optional[Setup] = None, print_fn: Callable[[str], None] = print) -> RunOutputs:
+          setup: Optional[Setup] = None, print_fn: Callable[[str], None] = print,
+          overwrite: bool = False) -> RunOutputs:
     """Run a recipe end to end; see the module docstring."""
     from lorakit.train.recipe import dump_recipe
 
-    setup = setup or prepare(cfg, print_fn=print_fn)
     out = Path(output_dir or cfg.output.dir)
+    if resume is None:
+        clear_for_new_run(out, overwrite)  # before the model loads: a refused run costs nothing
+    setup = setup or prepare(cfg, print_fn=print_fn)
     out.mkdir(parents=True, exist_ok=True)
     dump_recipe(cfg, out / "recipe.yaml")
     for note in setup.notes:
