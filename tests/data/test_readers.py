@@ -251,3 +251,73 @@ def test_non_utf8_csv(tmp_path):
     path.write_bytes("text,label\ncaf\xe9,x\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin.csv: not UTF-8 text"):
         load_records(path)
+
+
+@pytest.mark.parametrize("one_line", [True, False])
+def test_json_object_wrapping_the_records_says_how_to_unwrap(tmp_path, one_line):
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
+    path = tmp_path / "wrapped.json"
+    path.write_text(json.dumps({"data": rows}, indent=None if one_line else 2))
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    msg = str(e.value)
+    assert "wrapped.json: the file holds one JSON object (keys ['data']), not a list of records" in msg
+    assert "its key 'data' holds a list of 2 objects" in msg and "jq '.data' wrapped.json" in msg
+    assert "fields there" not in msg
+
+
+def test_one_line_json_with_a_single_record_is_still_read(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    assert list(load_records(path)) == [{"instruction": "a", "input": "", "output": "b"}]
+
+
+def test_csv_digit_labels_without_names_is_an_error_like_jsonl(tmp_path):
+    # a CSV export of the hub's RAFT: 0 = unlabeled, 1 = complaint, 2 = no complaint
+    path = tmp_path / "raft_int.csv"
+    path.write_text('Tweet text,Label,ID\nfirst job,0,0\n"late, again",1,1\nthanks,2,2\nnone yet,,3\n')
+    with pytest.raises(DataError) as e:
+        load_records(path, label_column="Label")
+    msg = str(e.value)
+    assert "raft_int.csv row 1 (line 2): column 'Label' holds only whole numbers as labels" in msg
+    assert "no label names are known" in msg and "data.label_names" in msg
+    assert """--set 'data.label_names=[complaint,"no complaint"]'""" in msg and "0 = unlabeled" in msg
+    # with the names: the same rows as the hub form, 0 dropped
+    recs = load_records(path, label_column="Label", label_names=["complaint", "no complaint"])
+    assert [r["Label"] for r in recs] == ["complaint", "no complaint"] and recs.n_unlabeled == 2
+    # digits that are the class names themselves: listed, each is its own class (0 included)
+    recs = load_records(path, label_column="Label", label_names=["0", "1", "2"])
+    assert [r["Label"] for r in recs] == ["0", "1", "2"]
+
+
+def test_csv_label_names_as_text_need_no_label_names(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("text,label\na,complaint\nb,2\n")
+    assert [r["label"] for r in load_records(path, label_column="label")] == ["complaint", "2"]
+
+
+def test_label_errors_name_the_recipe_key(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n')
+    with pytest.raises(DataError, match=r"x.jsonl line 1: .*integer label 1.*recipe: data.label_names"):
+        load_records(path, label_column="label")
+    path.write_text('{"text": "a", "label": "maybe"}\n')
+    with pytest.raises(DataError, match=r"pass the right label_names \(recipe: data.label_names\)"):
+        load_records(path, label_column="label", label_names=["yes", "no"])
+    with pytest.raises(DataError, match=r"missing column 'Label'.*recipe: data.label_column"):
+        load_records(path, label_column="Label")
+
+
+def test_records_know_their_location(tmp_path):
+    import copy
+    import pickle
+
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n')
+    recs = load_records(path)
+    rows = list(recs)
+    assert rows == [{"a": 1}, {"a": 2}] and all(isinstance(r, dict) for r in rows)
+    assert [r.location for r in rows] == [f"{path} line 1", f"{path} line 3"]
+    assert "location" not in rows[0] and json.dumps(rows[0]) == '{"a": 1}'
+    for clone in (copy.deepcopy(rows[1]), pickle.loads(pickle.dumps(rows[1]))):
+        assert clone == {"a": 2} and clone.location == f"{path} line 3"

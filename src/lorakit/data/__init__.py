@@ -13,11 +13,11 @@ from lorakit.data.collate import Collator
 from lorakit.data.labels import LabelMapper, read_task_label_names
 from lorakit.data.prompts import (TEMPLATE_NAMES, AlpacaTemplate, ChatTemplate, ClassificationTemplate,
                                   HumanAssistantTemplate, PromptTemplate, get_template)
-from lorakit.data.readers import SUPPORTED_SUFFIXES, Records, load_records
+from lorakit.data.readers import SUPPORTED_SUFFIXES, Record, Records, load_records
 from lorakit.data.tokenize import IGNORE_INDEX, TokenizedDataset, encode_answer, encode_prompt, tokenize_records
 
 __all__ = [
-    "load_records", "Records", "SUPPORTED_SUFFIXES", "LabelMapper", "read_task_label_names",
+    "load_records", "Record", "Records", "SUPPORTED_SUFFIXES", "LabelMapper", "read_task_label_names",
     "get_template", "PromptTemplate", "AlpacaTemplate", "HumanAssistantTemplate", "ClassificationTemplate",
     "ChatTemplate", "TEMPLATE_NAMES",
     "tokenize_records", "TokenizedDataset", "encode_prompt", "encode_answer", "IGNORE_INDEX", "Collator",

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from lorakit.errors import DataError
 
-__all__ = ["LabelMapper", "read_task_label_names", "UNLABELED_CODE"]
+__all__ = ["LabelMapper", "read_task_label_names", "integer_labels_error", "UNLABELED_CODE"]
 
 UNLABELED_CODE = 0  # RAFT: 0 = unlabeled (the test split); real labels start at 1
 
@@ -25,13 +25,26 @@ def read_task_label_names(path: Path, label_column: str) -> list[str] | None:
         meta = json.loads(task.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{task} line {e.lineno}: malformed JSON ({e.msg}); fix it, or delete it and pass "
-                        "label_names explicitly.") from None
+                        "label_names explicitly (recipe: data.label_names).") from None
     names = (meta.get("label_columns") or {}).get(label_column) if isinstance(meta, dict) else None
     if names is None:
         return None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(f"{task}: label_columns[{label_column!r}] must be a list of strings, got {names!r}.")
     return names
+
+
+def integer_labels_error(column: str, code: int, loc: str, *, as_text: bool = False) -> DataError:
+    """Integer label codes with no label names to map them to (the hub's RAFT form: 0 = unlabeled)."""
+    what = (f"holds only whole numbers as labels (e.g. {str(code)!r})" if as_text
+            else f"holds the integer label {code}")
+    digits = (" If the numbers are themselves the class names, list them all the same, e.g. "
+              "data.label_names=['0','1'].") if as_text else ""
+    return DataError(
+        f"{loc}: column {column!r} {what}, but no label names are known, so the codes cannot be mapped to "
+        "classes; pass label_names=[...] (recipe: data.label_names, e.g. for RAFT twitter_complaints "
+        "--set 'data.label_names=[complaint,\"no complaint\"]'; code k means label_names[k-1], "
+        "0 = unlabeled and dropped) or put a task.json with label_columns beside the file." + digits)
 
 
 def _short(row: Any, limit: int = 300) -> str:
@@ -47,7 +60,8 @@ class LabelMapper:
         self.names = list(names) if names is not None else None
         if self.names is not None:
             if not self.names or len(set(self.names)) != len(self.names):
-                raise DataError(f"label_names must be a non-empty list of distinct names, got {self.names!r}.")
+                raise DataError(f"label_names (recipe: data.label_names) must be a non-empty list of distinct "
+                                f"names, got {self.names!r}.")
             self._by_fold = {n.strip().casefold(): n for n in self.names}
 
     def __call__(self, value: Any, row: dict, loc: str) -> str | None:
@@ -74,9 +88,7 @@ class LabelMapper:
 
     def _from_code(self, code: int, row: dict, loc: str) -> str | None:
         if self.names is None:
-            raise DataError(f"{loc}: column {self.column!r} holds the integer label {code}, but no label names "
-                            "are known; pass label_names=[...] (code k means label_names[k-1], 0 = unlabeled) "
-                            "or put a task.json with label_columns beside the file.")
+            raise integer_labels_error(self.column, code, loc)
         if code == UNLABELED_CODE:
             return None
         if 1 <= code <= len(self.names):
@@ -86,4 +98,5 @@ class LabelMapper:
     def _bad(self, value: Any, row: dict, loc: str) -> str:
         codes = f"integer codes 0 (unlabeled) or 1..{len(self.names)}" if self.names else "a label name"
         raise DataError(f"{loc}: label {value!r} in column {self.column!r} is not in the label set "
-                        f"{self.names} ({codes}); row: {_short(row)}. Fix the row, or pass the right label_names.")
+                        f"{self.names} ({codes}); row: {_short(row)}. Fix the row, or pass the right label_names "
+                        "(recipe: data.label_names).")

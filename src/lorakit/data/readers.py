@@ -12,8 +12,14 @@ Supported sources:
     works from the local cache when offline. A ``ClassLabel`` column from ``datasets`` is turned into
     its names (the hub RAFT's ``["Unlabeled", "complaint", "no complaint"]``: 0 -> unlabeled).
 
-Every record keeps where it came from (``Records.locations[i]``, e.g. ``"train.csv row 5 (line 6)"``)
-so later errors (a missing field while rendering a prompt) can name the row.
+A ``.json`` file holding one object that wraps the list (``{"data": [...]}``) is refused with a message
+that names the key and how to unwrap it: a one-line object could also be a single JSON Lines record, so
+lorakit does not guess.
+
+Every record keeps where it came from, e.g. ``"train.csv row 5 (line 6)"``: ``Records.locations[i]``, and
+on the record itself (``records[i].location``; the records are :class:`Record`, a ``dict`` with that one
+attribute), so a plain ``list(load_records(...))``, a subset or a split of it still lets later errors and
+warnings (a missing field while rendering a prompt, a dropped empty answer) name the row.
 """
 from __future__ import annotations
 
@@ -24,10 +30,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from lorakit.data.labels import LabelMapper, read_task_label_names
+from lorakit.data.labels import LabelMapper, integer_labels_error, read_task_label_names
 from lorakit.errors import DataError
 
-__all__ = ["Records", "load_records", "SUPPORTED_SUFFIXES"]
+__all__ = ["Record", "Records", "load_records", "record_location", "SUPPORTED_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,22 @@ _JSONL = (".jsonl", ".ndjson")
 _CSV = (".csv", ".tsv")
 _ARROW = (".parquet", ".arrow")
 SUPPORTED_SUFFIXES = _JSON + _JSONL + _CSV + _ARROW
+
+
+class Record(dict):
+    """A record: a plain ``dict`` of fields that also knows where it came from (``location``, e.g.
+    ``"train.csv row 5 (line 6)"``; ``None`` when unknown). Equal to the same dict without it; ``dict(r)``
+    or ``{**r}`` give a plain dict (the location is not a field)."""
+
+    def __init__(self, *args: Any, location: str | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self.location = location
+
+
+def record_location(record: Any, default: str) -> str:
+    """Where ``record`` came from (a :class:`Record`'s ``location``), else ``default``."""
+    loc = getattr(record, "location", None)
+    return loc if isinstance(loc, str) and loc else default
 
 
 class Records(list):
@@ -53,7 +75,9 @@ class Records(list):
         self.n_unlabeled = n_unlabeled
 
     def location(self, i: int) -> str:
-        return self.locations[i] if i < len(self.locations) else f"{self.source} record {i}"
+        if i < len(self.locations):
+            return self.locations[i]
+        return record_location(self[i] if 0 <= i < len(self) else None, f"{self.source} record {i}")
 
     def __getitem__(self, i):  # a slice keeps the locations, so errors on a subset name the right rows
         if isinstance(i, slice):
@@ -73,7 +97,11 @@ def load_records(source: str | os.PathLike | Sequence[Mapping], *, split: str = 
     given it is read from a ``task.json`` beside the file if one is there (RAFT layout). Integer codes
     (the hub's RAFT form) map ``k -> label_names[k-1]``; code 0 (and an empty label) means unlabeled:
     such rows are dropped and counted in ``Records.n_unlabeled`` (with a log warning). A label outside
-    the set is a :class:`DataError` naming the row, the label and the set.
+    the set is a :class:`DataError` naming the row, the label and the set. Integer codes with no label
+    names known are a :class:`DataError` (asking for ``label_names``), whether JSON integers or, as in a
+    CSV export, a column whose labels are all digit strings ("0", "1", "2").
+
+    The records are :class:`Record` dicts whose ``location`` names their row (kept by ``list()``).
     """
     if isinstance(source, (list, tuple)):
         rows, locations, name = _read_memory(source)
@@ -94,6 +122,8 @@ def load_records(source: str | os.PathLike | Sequence[Mapping], *, split: str = 
     n_unlabeled = 0
     if label_column is not None:
         mapper = LabelMapper(label_column, label_names)
+        if label_names is None:
+            _refuse_digit_labels(rows, locations, label_column)
         kept_rows, kept_locs = [], []
         for row, loc in zip(rows, locations):
             _require_column(row, label_column, loc)
@@ -109,20 +139,40 @@ def load_records(source: str | os.PathLike | Sequence[Mapping], *, split: str = 
                         name, n_unlabeled, len(rows))
         if not rows:
             raise DataError(f"{name}: all {n_unlabeled} rows are unlabeled (label code 0 or empty in column "
-                            f"{label_column!r}); use a labelled split (e.g. split='train'), or load without "
-                            "label_column to read the rows for prediction.")
-    return Records(rows, source=name, locations=locations, n_unlabeled=n_unlabeled)
+                            f"{label_column!r}); use a labelled split (e.g. split='train'; recipe: "
+                            "data.train_split / data.eval_split), or load without label_column (recipe: "
+                            "data.label_column) to read the rows for prediction.")
+    return Records((Record(row, location=loc) for row, loc in zip(rows, locations)), source=name,
+                   locations=locations, n_unlabeled=n_unlabeled)
+
+
+def _refuse_digit_labels(rows: list[dict], locations: list[str], column: str) -> None:
+    """Labels written as digits in text (a CSV export of the hub's integer codes: RAFT's 0 = unlabeled,
+    1.. = the names) with no label names known: the same error as integer labels in JSON, rather than
+    training the codes as class names ("0" included). Empty labels are unlabeled and not looked at."""
+    first = None
+    for row, loc in zip(rows, locations):
+        value = row.get(column)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if not isinstance(value, str) or not value.strip().isdigit():
+            return
+        if first is None:
+            first = (int(value.strip()), loc)
+    if first is not None:
+        raise integer_labels_error(column, first[0], first[1], as_text=True)
 
 
 def _read_memory(records: Sequence[Any]) -> tuple[list[dict], list[str], str]:
     name = "in-memory records"
-    rows = []
+    rows, locs = [], []
     for i, r in enumerate(records):
         if not isinstance(r, Mapping):
             raise DataError(f"{name}: record {i} is a {type(r).__name__}, not a dict of fields; "
                             f"pass a list of dicts such as {{'instruction': ..., 'output': ...}}.")
         rows.append(dict(r))
-    return rows, [f"record {i}" for i in range(len(rows))], name
+        locs.append(record_location(r, f"record {i}"))  # records read from a file before keep their place
+    return rows, locs, name
 
 
 # ---------------------------------------------------------------- local files
@@ -157,15 +207,26 @@ def _read_text(path: Path) -> str:
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     text = _read_text(path)
     if not text.lstrip().startswith("["):
-        if len([line for line in text.splitlines() if line.strip()]) > 1:
-            try:
-                whole = json.loads(text)
-            except json.JSONDecodeError:
-                whole = None
-            if isinstance(whole, dict):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            wrapped = _wrapped_list_key(whole)
+            one_line = len([line for line in text.splitlines() if line.strip()]) == 1
+            if wrapped is not None:
+                # {"data": [{...}, ...]}: the records are wrapped in an object. Refused rather than unwrapped:
+                # on one line it could as well be a single JSON Lines record with one list-valued field.
+                raise DataError(
+                    f"{path}: the file holds one JSON object (keys [{wrapped!r}]), not a list of records; its key "
+                    f"{wrapped!r} holds a list of {len(whole[wrapped])} objects, which look like the records. "
+                    f"Save that list as the file's top-level value (e.g. jq '.{wrapped}' {path.name} > "
+                    f"{path.stem}_records.json), or write one record per line (JSON Lines)"
+                    + ("; if the line really is a single record, name the file .jsonl." if one_line else "."))
+            if not one_line:
                 raise DataError(f"{path}: the file holds one JSON object (keys {list(whole)[:10]}), not a list of "
                                 "records; save the records as a top-level list (or JSON Lines).")
-        # Many ".json" files in the wild are JSON Lines; read them as such.
+        # Many ".json" files in the wild are JSON Lines; read them as such (one line: a single record).
         return _parse_jsonl(path, text)
     try:
         data = json.loads(text)
@@ -182,6 +243,14 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
         rows.append(item)
         locs.append(loc)
     return rows, locs
+
+
+def _wrapped_list_key(obj: dict) -> str | None:
+    """The key of an object whose only value is a non-empty list of objects (``{"data": [{...}]}``), else None."""
+    if len(obj) != 1:
+        return None
+    key, value = next(iter(obj.items()))
+    return key if isinstance(value, list) and value and all(isinstance(v, dict) for v in value) else None
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
@@ -257,7 +326,8 @@ def _read_saved_dataset(path: Path, split: str) -> tuple[list[dict], list[str], 
                         f"pass a data file inside it ({', '.join(SUPPORTED_SUFFIXES)}).") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise DataError(f"{path} has no split {split!r}; splits there: {sorted(ds)}. Pass split=one of them.")
+            raise DataError(f"{path} has no split {split!r}; splits there: {sorted(ds)}. Pass split=one of them "
+                        "(recipe: data.train_split / data.eval_split).")
         ds = ds[split]
     rows, locs = _rows_from_dataset(ds, f"{path}[{split}]")
     return rows, locs, f"{path}[{split}]"
@@ -300,7 +370,8 @@ def _read_hub(name: str, split: str, subset: str | None) -> tuple[list[dict], li
                         "pass a local file path instead (.json/.jsonl/.csv/.parquet), or download it once "
                         "on a machine with network so it is in the datasets cache.") from None
     except ValueError as e:  # unknown split / missing config name
-        raise DataError(f"dataset {label}: {e}; pass a valid split= or subset=.") from None
+        raise DataError(f"dataset {label}: {e}; pass a valid split= or subset= (recipe: data.train_split / "
+                        "data.eval_split, data.subset).") from None
     rows, locs = _rows_from_dataset(ds, label)
     return rows, locs, label
 
@@ -321,7 +392,8 @@ def _offline() -> bool:
 def _require_column(row: dict, column: str, loc: str) -> None:
     if column not in row:
         raise DataError(f"{loc}: missing column {column!r}; columns there: {list(row)}. "
-                        "Pass the right column name (e.g. --text-column/--label-column) or fix the row.")
+                        "Pass the right column name (recipe: data.label_column, data.columns; eval CLI: "
+                        "--label-column) or fix the row.")
 
 
 def _select_columns(rows: list[dict], locations: list[str], columns: list[str], name: str) -> list[dict]:
