@@ -80,3 +80,15 @@ def test_unknown_template_and_option():
         get_template("vicuna")
     with pytest.raises(ConfigError, match=r"no option\(s\) \['text_column'\]; its options are"):
         get_template("alpaca", text_column="x")
+
+
+def test_empty_fields_name_what_a_record_lacks_for_training():
+    ha = get_template("human_assistant")
+    assert ha.empty_fields(REC) == []
+    assert ha.empty_fields({"instruction": "q", "output": None}) == ["'output'"]
+    assert ha.empty_fields({"instruction": None, "input": "text", "output": "a"}) == []
+    assert ha.empty_fields({"instruction": " ", "output": 0}) == ["'instruction' (and no 'input')"]
+    cls = get_template("classification", text_column="Tweet text", label_column="Label")
+    assert cls.empty_fields({"Tweet text": None, "Label": ""}) == ["'Label'", "'Tweet text'"]
+    with pytest.raises(DataError, match=r"recipe: data.template_args.text_column"):
+        cls.render({"text": "x"})

@@ -19,6 +19,10 @@ Templates (``get_template(name, **fields)``):
     end-of-turn token, e.g. ``<|im_end|>``).
 
 At inference the answer field may be absent: ``render`` then returns ``(prompt, "")``.
+
+For training, ``empty_fields(record)`` names what a record lacks to be worth training on: a null or blank
+answer (label), a null or blank classification text, or an instruction that is null or blank with no input
+either. ``tokenize_records`` drops such records (counted, one warning) instead of training an empty target.
 """
 from __future__ import annotations
 
@@ -32,15 +36,21 @@ __all__ = ["PromptTemplate", "AlpacaTemplate", "HumanAssistantTemplate", "Classi
            "ChatTemplate", "get_template", "TEMPLATE_NAMES"]
 
 
-def _text(record: dict, key: str, *, required: bool) -> str:
+def _text(record: dict, key: str, *, required: bool, option: str = "instruction_column") -> str:
     if key not in record:
         if required:
             raise DataError(f"record has no field {key!r}; fields there: {list(record)}. "
-                            "Name the right column in the template (e.g. get_template('alpaca', "
-                            "instruction_column=...)) or fix the data.")
+                            f"Name the right column in the template (e.g. get_template('alpaca', {option}=...); "
+                            f"recipe: data.template_args.{option}) or fix the data.")
         return ""
     value = record[key]
     return "" if value is None else str(value)
+
+
+def _blank(record: dict, key: str) -> bool:
+    """The field is absent, null, or only whitespace (a number such as 0 is not blank)."""
+    value = record.get(key)
+    return value is None or not str(value).strip()
 
 
 @dataclass(frozen=True)
@@ -48,11 +58,20 @@ class PromptTemplate:
     """Base class: ``render(record, tokenizer=None) -> (prompt, answer)``."""
 
     name: ClassVar[str] = ""
+    # whether tokenize_records may cut the end of an answer too long for max_length (a class label: never)
+    answer_truncatable: ClassVar[bool] = True
+    # the recipe key that names the answer column (for error messages)
+    answer_recipe_key: ClassVar[str] = "data.template_args.output_column"
 
     @property
     def answer_column(self) -> str:
         """The record field that holds the answer (training needs it in every record)."""
         raise NotImplementedError
+
+    def empty_fields(self, record: dict) -> list[str]:
+        """What makes ``record`` useless for training (empty list: nothing), e.g. ``["'output'"]`` when the
+        answer is null or blank; ``tokenize_records`` drops such records."""
+        return [repr(self.answer_column)] if _blank(record, self.answer_column) else []
 
     def render(self, record: dict, tokenizer: Any = None) -> tuple[str, str]:
         raise NotImplementedError
@@ -67,6 +86,12 @@ class _InstructionTemplate(PromptTemplate):
     @property
     def answer_column(self) -> str:
         return self.output_column
+
+    def empty_fields(self, record: dict) -> list[str]:
+        out = super().empty_fields(record)
+        if _blank(record, self.instruction_column) and _blank(record, self.input_column):
+            out.append(f"{self.instruction_column!r} (and no {self.input_column!r})")
+        return out
 
     def _parts(self, record: dict) -> tuple[str, str, str]:
         return (_text(record, self.instruction_column, required=True),
@@ -108,16 +133,25 @@ class ClassificationTemplate(PromptTemplate):
     text_column: str = "text"
     label_column: str = "label"
     text_label: str | None = None  # the name shown before the text; None -> text_column
+    answer_truncatable: ClassVar[bool] = False  # a cut label would be a wrong label: cut the text instead
+    answer_recipe_key: ClassVar[str] = "data.label_column"
 
     @property
     def answer_column(self) -> str:
         return self.label_column
 
+    def empty_fields(self, record: dict) -> list[str]:
+        out = super().empty_fields(record)
+        if _blank(record, self.text_column):
+            out.append(repr(self.text_column))
+        return out
+
     def render(self, record: dict, tokenizer: Any = None) -> tuple[str, str]:
         if self.text_column not in record:
             raise DataError(f"record has no text column {self.text_column!r}; fields there: {list(record)}. "
-                            "Pass text_column=<one of them> to the classification template.")
-        text = _text(record, self.text_column, required=True)
+                            "Pass text_column=<one of them> to the classification template (recipe: "
+                            "data.template_args.text_column).")
+        text = _text(record, self.text_column, required=True, option="text_column")
         label = _text(record, self.label_column, required=False)
         shown = self.text_column if self.text_label is None else self.text_label
         return f"{shown} : {text} Label : ", label
