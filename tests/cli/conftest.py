@@ -28,3 +28,61 @@ def shared_data():
     if not SHARED.is_dir():
         pytest.fail(f"{SHARED} is missing: these tests read the project's shared real data there")
     return SHARED
+
+
+# ---------------------------------------------------------------- helpers for the CLI error tests
+
+
+def make_adapter(model_dir, out, r=4):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import LoraConfig, TaskType, get_peft_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                     base_model_name_or_path=str(model_dir))
+    model = get_peft_model(base, cfg)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a non-zero update, so the merge changes the weights
+            torch.nn.init.normal_(p, std=0.02)
+    model.save_pretrained(out)
+    return Path(out)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_model_dir):
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model load fails the test: the check must come before it."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    import lorakit.models
+    import lorakit.models.embedded
+
+    monkeypatch.setattr(lorakit.models, "load_model_and_tokenizer", refuse)
+    monkeypatch.setattr(lorakit.models.embedded, "load_model_and_tokenizer", refuse)
+
+
+def err_of(argv, capsys, rc=1):
+    """Run the CLI expecting exit code ``rc``; its stderr (checked to hold no traceback)."""
+    from lorakit.cli.main import main
+
+    assert main(argv) == rc
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+def broken_copy(adapter, tmp_path, name, mutate):
+    """A copy of the adapter folder, changed by ``mutate(folder)``."""
+    import shutil
+
+    out = tmp_path / name
+    shutil.copytree(adapter, out)
+    mutate(out)
+    return out

@@ -28,10 +28,12 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from lorakit.train.recipe import load_recipe
+    from lorakit.cli.common import check_model_source, check_output_dir, load_recipe_checked
 
     overrides = list(args.overrides) + ([f"output.dir={args.out}"] if args.out else [])
-    cfg = load_recipe("demo", overrides)
+    cfg = load_recipe_checked("demo", overrides, "--set" if not args.out else "--set/--out")
+    check_output_dir(cfg.output.dir, "--out" if args.out else "output.dir")
+    check_model_source(cfg.model.name, "model.name")
     t0 = time.time()
     print(f"== lorakit demo: {cfg.description}")
     print(f"loading {cfg.model.name} and the demo data ...", flush=True)

@@ -33,8 +33,16 @@ def run(args: argparse.Namespace) -> int:
     prompts = list(args.prompt) + [sys.stdin.read() if x == "-" else x for x in args.prompts]
     if not prompts:
         raise ConfigError("no prompt given: pass --prompt TEXT (or TEXT, or - for stdin)")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
+            raise ConfigError(f"{which} is empty; give the text to complete, e.g. --prompt \"Ticket : my card was "
+                              f"charged twice Label : \"")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system only applies with --chat (a plain completion has no system message); add "
+                          "--chat, or write the instructions into the prompt")
     import torch
 
     from lorakit.cli.common import generate_text, load_model
@@ -49,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
             ids = chat_ids(tokenizer, messages + [{"role": "user", "content": prompt}])
         else:
             ids = tokenizer(prompt)["input_ids"]
+            if not ids:
+                raise ConfigError(f"prompt {prompt!r} encodes to no tokens (the tokenizer adds no BOS token); "
+                                  f"give some text to complete")
         text = generate_text(model, tokenizer, ids, args.max_new_tokens, args.temperature, args.top_p)
         if len(prompts) > 1:
             print(f"### prompt {i + 1}: {prompt}")

@@ -33,6 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(e: OSError) -> str:
+    """``"<reason>: <path>"`` for an OSError, with a hint for the common causes."""
+    import errno
+
+    if e.filename is None or not e.strerror:
+        return str(e)
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    hint = {errno.EACCES: "choose a path you can write to, or fix its permissions",
+            errno.EPERM: "choose a path you can write to, or fix its permissions",
+            errno.EROFS: "the file system is read-only; choose another path",
+            errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+            errno.ENOSPC: "the disk is full; free some space or choose another path",
+            errno.ENOENT: "check the path"}.get(e.errno)
+    return f"{e.strerror}: {where}" + (f"; {hint}" if hint else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -46,8 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LoraError, TrainingError) as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except FileNotFoundError as e:
-        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # stdout closed early (`lorakit ... | head`): not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:
+        # A file-system failure (permission, disk full, a path through a file, ...): one line naming the
+        # path, no traceback. Other exceptions are bugs and keep their traceback.
+        print(f"lorakit {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)

@@ -53,10 +53,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise ConfigError("no recipe given: `lorakit train RECIPE.yaml` (or a shipped name: demo, job_b_raft, "
                           "job_a_alpaca_zh)")
-    from lorakit.train.recipe import load_recipe
+    from lorakit.cli.common import check_model_source, check_output_dir, load_recipe_checked
 
     overrides = list(args.overrides) + ([f"output.dir={args.output_dir}"] if args.output_dir else [])
-    cfg = load_recipe(args.recipe, overrides)
+    cfg = load_recipe_checked(args.recipe, overrides, "--set" if not args.output_dir else "--set/--output-dir")
+    # before the model load: where the outputs go, and what the model name points at
+    check_output_dir(cfg.output.dir, "--output-dir" if args.output_dir else "output.dir")
+    check_model_source(cfg.model.name, "model.name")
     from lorakit.train.run import train
 
     if args.overwrite and args.resume:
