@@ -1,77 +1,126 @@
-"""lorakit inspect [ADAPTER_DIR] | --model M [--targets ...] [--r 8]"""
+"""lorakit inspect [ADAPTER_DIR] [--model M] | --model M [--targets ...] [--r 8]"""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "dry run on a model (what LoRA would wrap) or describe a saved adapter"
-DESCRIPTION = """Two uses:
+HELP = "dry run on a model (what LoRA would wrap) or describe / check a saved adapter"
+DESCRIPTION = """Three uses:
 
   lorakit inspect --model M [--targets q_proj v_proj] [--r 8] [--alpha 16]
       dry run: the modules LoRA would wrap, the family's default targets, trainable parameters and a
       memory estimate. The model is loaded but not changed.
   lorakit inspect ADAPTER_DIR
-      what a saved adapter holds: its config and its tensors."""
+      what a saved adapter holds: its config and its tensors, checked against each other (the weights
+      file is readable, every LoRA tensor has the config's rank r).
+  lorakit inspect ADAPTER_DIR --model M
+      the same, then the adapter is loaded onto M to check that it fits (names and shapes)."""
+
+_DRY_RUN_DEFAULTS = {"r": 8, "alpha": 16.0}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter_dir", nargs="?", help="a saved adapter folder to describe.")
-    p.add_argument("--model", help="model to dry-run on: local folder, hub id, or `embedded`.")
-    p.add_argument("--targets", nargs="+", help="target module names, a regex, or all-linear "
+    p.add_argument("--model", help="model to dry-run on (or, with ADAPTER_DIR, to check the adapter against): "
+                                   "local folder, hub id, or `embedded`.")
+    p.add_argument("--targets", nargs="+", help="dry run: target module names, a regex, or all-linear "
                                                 "(default: the family's default).")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8).")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16).")
+    p.add_argument("--r", type=int, default=None, help="dry run: LoRA rank (default 8).")
+    p.add_argument("--alpha", type=float, default=None, help="dry run: LoRA alpha (default 16).")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub.")
 
 
-def _describe_adapter(path: str) -> None:
-    import json
-    from pathlib import Path
+def _lora_rank_errors(config, weights: dict) -> list[str]:
+    """Tensors whose LoRA rank differs from the config's r (or its rank_pattern entry for that module)."""
+    from lorakit.targets import pattern_value
 
-    from lorakit.cli.common import adapter_base
+    bad = []
+    for name, t in weights.items():
+        parts = name.split(".")
+        kind = next((p for p in parts if p in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")), None)
+        if kind is None or t.dim() < 2:
+            continue
+        module = ".".join(parts[:parts.index(kind)]).removeprefix("base_model.model.")
+        want = pattern_value(config.rank_pattern or {}, module, config.r)
+        # lora_A / lora_embedding_A: (r, in...); lora_B / lora_embedding_B: (out, r, ...)
+        got = t.shape[0] if kind.endswith("A") else t.shape[1]
+        if got != want:
+            bad.append(f"{name} {tuple(t.shape)} has rank {got}" + (f" (rank_pattern: {want})" if want != config.r
+                                                                      else ""))
+    return bad
 
-    adapter_base(path)  # clear error when it is not an adapter folder
-    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
-    keys = ("base_model_name_or_path", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias")
-    for k in keys:
-        print(f"{k}: {cfg.get(k)}")
-    weights = Path(path) / "adapter_model.safetensors"
-    if weights.is_file():
-        from safetensors import safe_open
 
-        total = 0
-        with safe_open(str(weights), "pt") as f:
-            names = list(f.keys())
-            for name in names:
-                shape = f.get_slice(name).get_shape()
-                n = 1
-                for s in shape:
-                    n *= s
-                total += n
-        print(f"tensors: {len(names)}, parameters: {total:,d}")
-        for name in names[:6]:
-            print(f"  {name}")
-        if len(names) > 6:
-            print(f"  ... {len(names) - 6} more")
+def _describe_adapter(path: str):
+    """Print the adapter's config and tensors; AdapterLoadError when it is incomplete or inconsistent."""
+    from lorakit.checkpoint import read_adapter
+    from lorakit.cli.common import read_adapter_config
+    from lorakit.errors import AdapterLoadError
+
+    read_adapter_config(path)  # clear error when it is not an adapter folder
+    config, weights = read_adapter(path)  # the same checks (and messages) as generate / merge
+    for k in ("base_model_name_or_path", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias"):
+        v = getattr(config, k, None)
+        v = getattr(v, "value", v)
+        print(f"{k}: {sorted(v) if isinstance(v, (set, frozenset)) else list(v) if isinstance(v, tuple) else v}")
+    if config.rank_pattern:
+        print(f"rank_pattern: {dict(config.rank_pattern)}")
+    names = list(weights)
+    total = sum(t.numel() for t in weights.values())
+    print(f"tensors: {len(names)}, parameters: {total:,d}")
+    for name in names[:6]:
+        print(f"  {name}  {tuple(weights[name].shape)}")
+    if len(names) > 6:
+        print(f"  ... {len(names) - 6} more")
+    if not any(("lora_" in n) for n in names):
+        raise AdapterLoadError(f"{path}/adapter_model.safetensors holds no LoRA tensor (lora_A / lora_B); "
+                               f"it is not a LoRA adapter; save it again")
+    bad = _lora_rank_errors(config, weights)
+    if bad:
+        more = f" ... ({len(bad)} in all)" if len(bad) > 3 else ""
+        raise AdapterLoadError(f"{path}: adapter_config.json says r={config.r} but the tensors have another "
+                               f"rank: {'; '.join(bad[:3])}{more}. The config and the weights come from "
+                               f"different adapters; save the adapter again")
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.errors import ConfigError
 
-    if args.adapter_dir and not args.model:
+    if args.adapter_dir:
+        dry = [f for f, v in (("--targets", args.targets), ("--r", args.r), ("--alpha", args.alpha)) if v is not None]
+        if dry:
+            raise ConfigError(f"{', '.join(dry)}: only for the dry run (`inspect --model M`); an adapter's "
+                              f"targets, r and alpha come from its adapter_config.json. Drop "
+                              f"{', '.join(dry)}, or drop ADAPTER_DIR for a dry run")
         _describe_adapter(args.adapter_dir)
-        return 0
+        if not args.model:
+            return 0
+        return _check_against_model(args)
     if not args.model:
         raise ConfigError("inspect needs --model M (dry run) or an ADAPTER_DIR to describe")
-    if args.r < 1:
-        raise ConfigError(f"--r must be >= 1, got {args.r}")
+    r = _DRY_RUN_DEFAULTS["r"] if args.r is None else args.r
+    alpha = _DRY_RUN_DEFAULTS["alpha"] if args.alpha is None else args.alpha
+    if r < 1:
+        raise ConfigError(f"--r must be >= 1, got {r}")
     from lorakit import LoraConfig, TaskType, dry_run
-    from lorakit.models import load_model_and_tokenizer
+    from lorakit.cli.common import load_model_checked
 
-    model, _ = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model, _ = load_model_checked(args.model, trust_remote_code=args.trust_remote_code)
     targets = args.targets
     if targets and len(targets) == 1 and (targets[0] == "all-linear" or any(c in targets[0] for c in "*^$|")):
         targets = targets[0]
-    cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.r, lora_alpha=args.alpha, target_modules=targets)
+    cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, target_modules=targets)
     print(dry_run(model, cfg).table())
+    return 0
+
+
+def _check_against_model(args: argparse.Namespace) -> int:
+    """Load the adapter onto --model: AdapterLoadError (names, shapes) when it does not fit."""
+    from lorakit import LoraModel
+    from lorakit.cli.common import load_model_checked
+
+    model, _ = load_model_checked(args.model, trust_remote_code=args.trust_remote_code)
+    lora = LoraModel.from_pretrained(model, args.adapter_dir)
+    n_layers = sum(1 for _ in lora.lora_layers())
+    print(f"check: the adapter loads on {args.model} ({n_layers} LoRA layers; every tensor's name and shape fit)")
     return 0
