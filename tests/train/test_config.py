@@ -82,3 +82,14 @@ def test_round_trip(tmp_path):
 def test_unknown_recipe_name_lists_shipped():
     with pytest.raises(ConfigError, match="job_b_raft"):
         load_recipe("no_such_recipe")
+
+
+@pytest.mark.parametrize("override,key", [("train.betas=a,b", "train.betas"), ("train.betas=[0.9,1.5]", "train.betas"),
+                                          ("train.betas=[0.9]", "train.betas"),
+                                          ("train.weight_decay=-1", "train.weight_decay")])
+def test_adamw_settings_are_checked_with_the_recipe(override, key):
+    from lorakit.errors import ConfigError
+    from lorakit.train.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict({}, [override])

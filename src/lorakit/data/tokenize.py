@@ -135,14 +135,16 @@ def _example_location(records: Sequence[dict], i: int) -> str:
 
 
 def tokenize_records(records: Sequence[dict], template: PromptTemplate, tokenizer: Any, max_length: int, *,
-                     add_eos: bool = True, truncation: str = "middle") -> TokenizedDataset:
+                     add_eos: bool = True, truncation: str = "middle", name: str = "") -> TokenizedDataset:
     """Render each record with ``template`` and tokenise it for causal-LM training (loss on the answer).
 
     Every record must have the template's answer field (``template.answer_column``); records where it (or
     another field the template needs, see ``empty_fields``) is null or blank are dropped with a warning.
     ``truncation``: how a too-long prompt is cut, ``"middle"`` (default; keep the prompt's head and tail)
     or ``"left"`` (keep BOS and the tail); a too-long answer then loses its end (see the module doc).
+    ``name`` (e.g. "train", "eval") goes into the warnings, to say which split they are about.
     """
+    what = f"tokenize {name}" if name else "tokenize"
     if not isinstance(max_length, int) or max_length < 2:
         raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}.")
     if truncation not in _TRUNCATION:
@@ -182,8 +184,8 @@ def tokenize_records(records: Sequence[dict], template: PromptTemplate, tokenize
         raise DataError("no records to tokenize; the dataset is empty.")
     if empty:
         counts = ", ".join(f"{k} x{n}" for k, n in empty_counts.items())
-        log.warning("tokenize: dropped %d of %d records with nothing to train on (null or blank: %s), e.g. %s; "
-                    "fill those fields in or remove the records", len(empty), n_records, counts, first_empty)
+        log.warning("%s: dropped %d of %d records with nothing to train on (null or blank: %s), e.g. %s; "
+                    "fill those fields in or remove the records", what, len(empty), n_records, counts, first_empty)
 
     bos = _bos_prefix(tokenizer)
     prompt_ids = encode_prompt(tokenizer, prompts)
@@ -205,8 +207,8 @@ def tokenize_records(records: Sequence[dict], template: PromptTemplate, tokenize
         examples.append({"input_ids": p2 + a2, "labels": [IGNORE_INDEX] * len(p2) + a2})
 
     if n_truncated or too_long:
-        log.warning("tokenize: %d of %d examples truncated to fit max_length=%d (%d with the answer's end cut, "
-                    "no EOS); %d dropped (the whole answer must fit and cannot)%s", n_truncated, len(prompts),
+        log.warning("%s: %d of %d examples truncated to fit max_length=%d (%d with the answer's end cut, "
+                    "no EOS); %d dropped (the whole answer must fit and cannot)%s", what, n_truncated, len(prompts),
                     max_length, n_answer_cut, len(too_long), f", e.g. {locs[too_long[0]]}" if too_long else "")
     dropped = sorted(empty + [kept[j] for j in too_long])
     if not examples:

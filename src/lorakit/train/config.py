@@ -149,7 +149,10 @@ class TrainConfig:
             (self.train.lr > 0, "train.lr", "must be > 0"),
             (self.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
             (0.0 <= self.train.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
-            (len(self.train.betas) == 2, "train.betas", "must be two numbers, e.g. [0.9, 0.999]"),
+            (len(self.train.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                and 0.0 <= b < 1.0 for b in self.train.betas),
+             "train.betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
+            (self.train.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
             (self.train.max_grad_norm is None or self.train.max_grad_norm > 0, "train.max_grad_norm",
              "must be > 0 or null"),
             (self.train.log_every >= 1, "train.log_every", "must be >= 1"),

@@ -150,13 +150,10 @@ def prepare(cfg: TrainConfig, *, with_lora: bool = True, print_fn: Callable[[str
         raise DataError(f"no training records in {where}")
     model, tokenizer = load_base(cfg)
     template = make_template(cfg)
-    notes = []
-    train_data = tokenize_records(train_records, template, tokenizer, cfg.data.max_length)
-    eval_data = tokenize_records(eval_records, template, tokenizer, cfg.data.max_length) if eval_records else None
-    for name, ds in (("train", train_data), ("eval", eval_data)):
-        if ds is not None and (ds.n_truncated or ds.n_dropped):
-            notes.append(f"{name}: {ds.n_truncated} example(s) truncated to data.max_length={cfg.data.max_length}, "
-                         f"{ds.n_dropped} dropped")
+    notes: list = []  # tokenize_records warns about truncated / dropped examples itself, naming the split
+    train_data = tokenize_records(train_records, template, tokenizer, cfg.data.max_length, name="train")
+    eval_data = (tokenize_records(eval_records, template, tokenizer, cfg.data.max_length, name="eval")
+                 if eval_records else None)
     if with_lora:
         from lorakit import get_peft_model
 
