@@ -167,9 +167,10 @@ def job_a(args: argparse.Namespace) -> None:
     model, tok = setup.model, setup.tokenizer
     for note in setup.notes:
         print("note:", note)
-    print(f"data: {len(setup.train_records)} train records ({len(setup.train_data)} kept after max_length), "
-          f"{len(setup.eval_records)} held out ({len(setup.eval_data)} kept; the rest have an answer longer than "
-          f"max_length - 1 tokens and are dropped, as in training)")
+    print(f"data: {len(setup.train_records)} train records ({len(setup.train_data)} kept, "
+          f"{setup.train_data.n_truncated} cut to max_length), {len(setup.eval_records)} held out "
+          f"({len(setup.eval_data)} kept, {setup.eval_data.n_truncated} cut; too-long answers lose their end, "
+          f"as in the seed's notebook, and are dropped only when no answer token fits)")
     collate = Collator(tok.pad_token_id)
     shown = [setup.eval_records[i] for i in range(0, len(setup.eval_records), max(1, len(setup.eval_records) // 3))][:3]
 
