@@ -218,3 +218,46 @@ def test_bfloat16_model_fused_loss_is_close_to_its_own():
     torch.testing.assert_close(out.loss, ref.loss.float(), rtol=2e-2, atol=2e-2)
     for n in fused:
         assert torch.isfinite(fused[n]).all(), n
+
+
+def test_fused_output_logits_survive_accelerates_mixed_precision_wrapper():
+    from accelerate import Accelerator
+
+    m = _lora(tiny_llama()).train()
+    batch = _batch()
+    wrapped = Accelerator(mixed_precision="bf16", cpu=True).prepare(m)
+    out = wrapped(**batch)  # accelerate rebuilds the output from its items to cast them to float32
+    assert out.logits.shape == (3, 9, 100) and out.logits.dtype == torch.float32
+
+
+def test_first_batch_without_labelled_tokens_does_not_switch_the_fused_loss_off():
+    m = _lora(tiny_llama()).train()
+    batch = _batch()
+    empty = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    m(**empty)
+    assert m._fused_ok is None  # undecided, not False
+    out = m(**batch)
+    assert m._fused_ok is True and type(out).__name__ == "FusedLossOutput"
+
+
+def test_length_one_rows_with_labels_keep_the_models_own_loss():
+    m = _lora(tiny_llama()).train()
+    x = ids(2, 1)
+    out = m(input_ids=x, labels=x)  # nothing to predict: the model's own (NaN) loss, as HF and peft
+    assert out.logits.shape == (2, 1, 100) and torch.isnan(out.loss)
+
+
+def test_per_row_adapters_in_training_with_labels_use_the_models_own_forward():
+    m = _lora(tiny_llama(), modules_to_save=["lm_head"])
+    m.add_adapter("b", lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    randomize_lora(m)
+    batch = _batch()
+    rows = ["__base__", "b", "default"]
+    m.eval()
+    with torch.no_grad():
+        want = m(**batch, adapter_names=rows).loss
+    m.train()
+    out = m(**batch, adapter_names=rows)
+    torch.testing.assert_close(out.loss, want)
+    out.loss.backward()  # the active adapter trains; its rows' gradient reaches it
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if ".default." in n)

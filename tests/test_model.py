@@ -343,3 +343,59 @@ def test_per_row_adapters_route_modules_to_save_copies_too():
     torch.testing.assert_close(mixed[1], base[1])
     torch.testing.assert_close(mixed[2], b_out[2])
     torch.testing.assert_close(mixed[3], a_out[3])
+
+
+def test_copies_and_pickles_after_a_training_forward_with_dropout(tmp_path):
+    import io
+    import pickle
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.1))
+    randomize_lora(pm)
+    pm.train()
+    x = ids()
+    pm(input_ids=x, labels=x).loss.backward()  # the shared dropout caches this pass's masked input
+    twin = copy.deepcopy(pm)
+    restored = pickle.loads(pickle.dumps(pm))
+    buf = io.BytesIO()
+    torch.save(pm, buf)
+    for m in (pm, twin, restored):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x).logits, pm(x).logits, rtol=0, atol=0)
+        torch.testing.assert_close(restored(x).logits, pm(x).logits, rtol=0, atol=0)
+
+
+def test_nested_disable_adapter_blocks():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    randomize_lora(pm)
+    x = ids()
+    with torch.no_grad():
+        adapted = pm(x).logits
+        with pm.disable_adapter():
+            base = pm(x).logits
+            with pm.disable_adapter():
+                pass
+            torch.testing.assert_close(pm(x).logits, base)  # still off after the inner block
+        torch.testing.assert_close(pm(x).logits, adapted)
+
+
+def test_per_row_routing_sees_weight_changes_and_trains_over_micro_batches():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    pm.add_adapter("b", LoraConfig(r=4))
+    randomize_lora(pm)
+    x = ids(batch=2)
+    rows = ["default", "b"]
+    with torch.no_grad():
+        before = pm(x, adapter_names=rows).logits
+        for n, p in pm.named_parameters():
+            if ".b." in n and "lora_B" in n:
+                p.data.mul_(0)  # a change that does not bump the parameter's version
+        after = pm(x, adapter_names=rows).logits
+        pm.set_adapter("b")
+        torch.testing.assert_close(after[1], pm(x).logits[1])  # adapter b is now a no-op: the base
+        pm.set_adapter("default")
+    assert not torch.allclose(before[1], after[1])
+    pm.train()
+    for _ in range(2):  # gradient accumulation: the same rows twice, two backward passes
+        pm(x, adapter_names=rows).logits.square().mean().backward()
+    assert all(p.grad is not None for n, p in pm.named_parameters() if p.requires_grad)

@@ -15,6 +15,7 @@ on a small batch and the callers (``LoraModel.forward``, the training loop) fall
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -51,12 +52,26 @@ class FusedLossOutput(ModelOutput):
     hidden_states: Optional[tuple] = None
     attentions: Optional[tuple] = None
 
-    def _logits(self) -> torch.Tensor:
+    def _source(self):
         source = self.__dict__.get("_logits_source")
+        if source is None and "logits" not in self.keys() and self.loss is not None:
+            # a copy rebuilt from this output's items (accelerate's fp32 conversion under mixed precision
+            # does so) keeps the same loss tensor: find the source through it
+            entry = _SOURCES.get(id(self.loss))
+            source = entry[1] if entry is not None and entry[0]() is self.loss else None
+            if source is not None:
+                self.__dict__["_logits_source"] = source
+        return source
+
+    def _logits(self) -> torch.Tensor:
+        source = self._source()
         if source is None:
             raise AttributeError("this output has no logits")
         head, hidden = source
         logits = head(hidden)
+        weight = getattr(_linear_of(head), "weight", None)
+        if weight is not None and weight.dtype == torch.float32 and logits.dtype != torch.float32:
+            logits = logits.float()  # the forward ran under mixed precision: float32 logits, as accelerate returns
         self.__dict__["_logits_source"] = None  # computed once; the hidden states are not kept twice
         self["logits"] = logits  # a key from now on: to_tuple() and out[1] include it
         return logits
@@ -71,26 +86,34 @@ class FusedLossOutput(ModelOutput):
     def __getitem__(self, key):
         # out[0] is the loss; the logits come second, as in the model's own output
         if isinstance(key, str):
-            if key == "logits" and self.__dict__.get("_logits_source") is not None:
+            if key == "logits" and self._source() is not None:
                 self._logits()
             return super().__getitem__(key)
-        if key != 0 and self.__dict__.get("_logits_source") is not None:
+        if key != 0 and self._source() is not None:
             self._logits()
         return ModelOutput.to_tuple(self)[key]
 
     def __contains__(self, key) -> bool:
-        return super().__contains__(key) or (key == "logits" and self.__dict__.get("_logits_source") is not None)
+        return super().__contains__(key) or (key == "logits" and self._source() is not None)
 
     def to_tuple(self) -> tuple:
-        if self.__dict__.get("_logits_source") is not None:
+        if self._source() is not None:
             self._logits()
         return super().to_tuple()
+
+
+#: id(loss) -> (weak reference to the loss, (head, hidden)) of the output that made it, while the loss
+#: lives (keyed by identity: tensors compare by value)
+_SOURCES: dict[int, tuple] = {}
 
 
 def fused_output(loss: torch.Tensor, head: nn.Module, hidden: torch.Tensor) -> FusedLossOutput:
     """A FusedLossOutput whose logits, when read, are ``head(hidden)``."""
     out = FusedLossOutput(loss=loss)
     out.__dict__["_logits_source"] = (head, hidden)
+    key = id(loss)
+    _SOURCES[key] = (weakref.ref(loss), (head, hidden))
+    weakref.finalize(loss, _SOURCES.pop, key, None)
     return out
 
 
@@ -233,8 +256,8 @@ class LossComputer:
             self.parts = None
 
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
-        if self.parts is not None and not self._checked:
-            self._self_check(batch)
+        if self.parts is not None and not self._checked and count_label_tokens(batch["labels"]):
+            self._self_check(batch)  # (a batch without labelled tokens cannot decide it)
         if self.parts is not None:
             return fast_loss_sum(*self.parts, batch)
         return hf_loss_sum(self.model, batch)

@@ -231,13 +231,14 @@ class LoraModel(nn.Module):
         """Run the base model without any adapter inside the ``with`` block."""
         self._check_live()
         layers = [l for _, l in self.lora_layers()] + [w for _, w in self._saved_wrappers()]
+        before = [l.disable_adapters for l in layers]  # nested blocks: leaving the inner one restores, not enables
         try:
             for l in layers:
                 l.disable_adapters = True
             yield
         finally:
-            for l in layers:
-                l.disable_adapters = False
+            for l, was in zip(layers, before):
+                l.disable_adapters = was
 
     def disable_adapter_layers(self) -> None:
         """Switch every adapter off until ``enable_adapter_layers()`` (peft's method; merged ones are unmerged)."""
@@ -278,10 +279,16 @@ class LoraModel(nn.Module):
         if adapter_names is not None:
             self._check_rows(adapter_names)
             rows = adapter_rows(adapter_names)
-        with rows:
-            if not args and not return_logits and self._fused_loss_applies(kwargs):
-                return self._fused_loss_forward(kwargs)
-            return self.model(*args, **kwargs)
+        try:
+            with rows:
+                # per-row adapters keep the model's own forward: the fused path's one-row self-check and its
+                # single head would not follow the rows
+                if adapter_names is None and not args and not return_logits and self._fused_loss_applies(kwargs):
+                    return self._fused_loss_forward(kwargs)
+                return self.model(*args, **kwargs)
+        finally:
+            if adapter_names is not None:
+                self._drop_route_caches()
 
     _FUSED_KEYS = frozenset({"input_ids", "attention_mask", "labels", "position_ids", "use_cache",
                              "num_items_in_batch", "return_dict"})
@@ -295,6 +302,8 @@ class LoraModel(nn.Module):
         if kwargs.get("use_cache") or kwargs.get("return_dict", True) is False:
             return False
         if not (isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape == ids.shape):
+            return False
+        if ids.shape[1] < 2:  # nothing to predict; the model's own loss says so (NaN, as HF and peft)
             return False
         task = getattr(self.peft_config.get(self.active_adapter), "task_type", None)
         if task is not None:
@@ -312,6 +321,8 @@ class LoraModel(nn.Module):
         batch = {k: kwargs[k] for k in ("input_ids", "attention_mask", "labels", "position_ids")
                  if kwargs.get(k) is not None}
         if self._fused_ok is None:
+            if not bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):
+                return self.model(**kwargs)  # no labelled token to check against: decide on a later batch
             self._fused_ok = check_fast_loss(self, parts, batch)
             if not self._fused_ok:
                 return self.model(**kwargs)
@@ -333,8 +344,17 @@ class LoraModel(nn.Module):
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
         self._check_rows(adapter_names)
-        with adapter_rows(adapter_names):
-            return self.model.generate(*args, **kwargs)
+        try:
+            with adapter_rows(adapter_names):
+                return self.model.generate(*args, **kwargs)
+        finally:
+            self._drop_route_caches()
+
+    def _drop_route_caches(self) -> None:
+        """Per-row routing keeps gathered adapter weights for the steps of one call (generation); a later call
+        gathers them again, so weights changed in between by any means (``.data``, a fused optimizer) count."""
+        for _, layer in self.lora_layers():
+            layer.__dict__.pop("_route_cache", None)
 
     def _check_rows(self, names: Sequence[str]) -> None:
         unknown = sorted({n for n in names if n != BASE and n not in self.peft_config})

@@ -55,12 +55,16 @@ class LoraLinear(LoraLayer):
     def _batched_delta(self, x: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
         """Each row through its own adapter in two batched products (bmm), not one loop per adapter.
 
-        The per-row A, B and scale are gathered once per row pattern and kept until a weight changes,
-        so generation (same rows every step) pays only for the two products.
+        Without autograd (generation: the same rows every step) the per-row A, B and scale are gathered
+        once per row pattern and kept while the weights are the same tensors with the same storage,
+        version, dtype and device; with autograd they are gathered afresh each call, so gradients reach
+        the adapters and no graph is shared between backward passes.
         """
         weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in rows if n != BASE]
-        key = (rows, tuple((id(a), a._version, id(b), b._version) for a, b in weights), x.device)
-        cache = getattr(self, "_route_cache", None)
+        grad = torch.is_grad_enabled()
+        key = (rows, x.device, tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device)
+                                     for a, b in weights for t in (a, b)))
+        cache = None if grad else getattr(self, "_route_cache", None)
         if cache is None or cache[0] != key:
             some_a, some_b = weights[0]
             zero_a, zero_b = torch.zeros_like(some_a), torch.zeros_like(some_b)
@@ -68,7 +72,7 @@ class LoraLinear(LoraLayer):
             B = torch.stack([self.lora_B[n].weight if n != BASE else zero_b for n in rows])
             s = torch.tensor([self.scaling[n] if n != BASE else 0.0 for n in rows], dtype=A.dtype, device=A.device)
             cache = (key, A.transpose(1, 2), (B * s.view(-1, 1, 1)).transpose(1, 2))
-            self._route_cache = cache
+            self._route_cache = None if grad else cache
         _, At, Bt = cache
         n = x.shape[0]
         xa = x.to(At.dtype).reshape(n, -1, x.shape[-1])

@@ -123,5 +123,13 @@ class SharedDropout(nn.Module):
         """Forget the cached mask (it is also replaced by the next new input)."""
         self._key, self._dropped, self._exclusive = None, None, [False]
 
+    def __getstate__(self) -> dict:
+        # the cache (a weak reference and a non-leaf activation with its graph) is per forward pass: copies
+        # and pickles (copy.deepcopy, torch.save(model), a TRL reference model) start without it
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.update(_key=None, _dropped=None, _exclusive=[False])
+        return state
+
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -167,6 +167,8 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
                 continue
             step_loss = torch.zeros((), device=device)
             for b in batches:
+                if count_label_tokens(b["labels"]) == 0:
+                    continue  # nothing to learn from this micro-batch (its rows are all prompt or padding)
                 with accelerator.autocast():
                     loss = loss_fn(b) / n_tok
                 if not torch.isfinite(loss):
