@@ -221,12 +221,13 @@ def test_bfloat16_model_fused_loss_is_close_to_its_own():
 
 
 def test_fused_output_logits_survive_accelerates_mixed_precision_wrapper():
-    from accelerate import Accelerator
+    from accelerate.utils.operations import convert_to_fp32  # what prepare()'s mixed-precision forward applies
 
     m = _lora(tiny_llama()).train()
     batch = _batch()
-    wrapped = Accelerator(mixed_precision="bf16", cpu=True).prepare(m)
-    out = wrapped(**batch)  # accelerate rebuilds the output from its items to cast them to float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = convert_to_fp32(m(**batch))  # rebuilt from its items to cast them to float32
+    assert type(out).__name__ == "FusedLossOutput"
     assert out.logits.shape == (3, 9, 100) and out.logits.dtype == torch.float32
 
 
