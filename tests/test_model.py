@@ -399,3 +399,21 @@ def test_per_row_routing_sees_weight_changes_and_trains_over_micro_batches():
     for _ in range(2):  # gradient accumulation: the same rows twice, two backward passes
         pm(x, adapter_names=rows).logits.square().mean().backward()
     assert all(p.grad is not None for n, p in pm.named_parameters() if p.requires_grad)
+
+
+def test_set_adapter_and_loading_take_peft_arguments(tmp_path):
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    pm.save_pretrained(tmp_path / "sub")
+    other = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    other.load_adapter(tmp_path, adapter_name="x", subfolder="sub", low_cpu_mem_usage=True, torch_device="cpu")
+    other.set_adapter("x")  # peft: the activated adapter trains unless inference_mode=True
+    assert other.get_nb_trainable_parameters()[0] == pm.get_nb_trainable_parameters()[0] > 0
+    other.set_adapter("x", inference_mode=True)
+    assert other.get_nb_trainable_parameters()[0] == 0
+    with pytest.raises(LoraError, match="autocast_adapter_dtype=False"):
+        LoraModel.from_pretrained(tiny_llama(), tmp_path / "sub", autocast_adapter_dtype=False)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        LoraModel.from_pretrained(tiny_llama(), tmp_path / "sub", bogus=1)
+    with pytest.raises(AttributeError, match="'LoraModel' object has no attribute 'nope' .*LlamaForCausalLM"):
+        pm.nope
+    assert not hasattr(pm, "nope")

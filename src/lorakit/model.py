@@ -62,7 +62,11 @@ class LoraModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
+        try:
             return getattr(self.model, name)
+        except AttributeError:
+            raise AttributeError(f"'LoraModel' object has no attribute {name!r} (nor has the "
+                                 f"{type(self.model).__name__} it wraps)") from None
 
     @property
     def base_model(self) -> "LoraModel":
@@ -142,17 +146,28 @@ class LoraModel(nn.Module):
         self.peft_config[adapter_name] = config
         self._plans[adapter_name] = plan
         if self.active_adapter is None:
-            self.set_adapter(adapter_name)
+            self._activate(adapter_name)
         else:
             self._mark_trainable()
         if dropout is not None:
             dropout.train(self.training)
         self._fused_ok = None  # a new head copy (modules_to_save) is checked again
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter (the one used, trained and saved by default)."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter (the one used, trained and saved by default).
+
+        As in peft, the adapter it activates trains unless ``inference_mode=True`` (also for one loaded
+        with ``is_trainable=False``); its config's ``inference_mode`` is updated to say so.
+        """
         self._check_live()
         self._require(adapter_name)
+        config = self.peft_config[adapter_name]
+        if config.inference_mode != bool(inference_mode):
+            self.peft_config[adapter_name] = config.replace(inference_mode=bool(inference_mode))
+        self._activate(adapter_name)
+
+    def _activate(self, adapter_name: str) -> None:
+        """Switch the active adapter, trainability as its config says (lorakit's own calls)."""
         self.active_adapter = adapter_name
         for _, layer in self.lora_layers():
             for name in list(layer.merged_adapters):
@@ -181,7 +196,7 @@ class LoraModel(nn.Module):
         if self.active_adapter == adapter_name:
             self.active_adapter = None
             if self.peft_config:
-                self.set_adapter(next(iter(self.peft_config)))
+                self._activate(next(iter(self.peft_config)))
 
     def _require(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -472,9 +487,13 @@ class LoraModel(nn.Module):
             save_adapter(self, target, name)
 
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
-                     allow_pickle: bool = False) -> None:
-        """Load a PEFT-format adapter folder as a new adapter (checked completely before any change)."""
+                     allow_pickle: bool = False, **peft_kwargs) -> None:
+        """Load a PEFT-format adapter folder as a new adapter (checked completely before any change).
+
+        peft's keyword arguments are taken as far as they apply to a local folder (see ``_peft_load_options``).
+        """
         self._check_live()
+        adapter_dir = _peft_load_options(adapter_dir, peft_kwargs)
         if adapter_name in self.peft_config:
             raise LoraError(f"adapter {adapter_name!r} exists already; pick another adapter_name or delete it first.")
         wrapped = {n for n, _ in self.lora_layers()}
@@ -486,14 +505,45 @@ class LoraModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, allow_pickle: bool = False, **_ignored) -> "LoraModel":
+                        is_trainable: bool = False, allow_pickle: bool = False, **peft_kwargs) -> "LoraModel":
         """Wrap ``model`` with the adapter saved in ``adapter_dir`` (peft's ``PeftModel.from_pretrained``)."""
+        adapter_dir = _peft_load_options(adapter_dir, peft_kwargs)
         config, weights = _read_checked(model, adapter_dir, is_trainable, allow_pickle, set())
         out = cls(model, config, adapter_name, _strict_targets=False)
         out.load_lora_state_dict(weights, adapter_name)
         if not is_trainable:
             out.eval()  # loaded for inference: dropout off, as peft's from_pretrained does
         return out
+
+
+#: peft loading options that change nothing for a local folder read onto the model's own devices
+_PEFT_LOAD_NOOPS = frozenset({"low_cpu_mem_usage", "torch_device", "ephemeral_gpu_offload", "revision", "token",
+                              "cache_dir", "local_files_only", "use_auth_token"})
+
+
+def _peft_load_options(adapter_dir: str | os.PathLike, kwargs: dict) -> str:
+    """Apply peft's from_pretrained / load_adapter keyword arguments; refuse what lorakit cannot honour.
+
+    ``subfolder`` is joined to the path; options about downloading or placement are accepted and change
+    nothing (adapters go to their base layers' devices); ``autocast_adapter_dtype=False`` (adapters in a
+    half-precision base's dtype) and ``config=`` (overriding the saved config) are not supported.
+    """
+    path = os.fspath(adapter_dir)
+    for key, value in kwargs.items():
+        if key == "subfolder":
+            path = os.path.join(path, value) if value else path
+        elif key == "autocast_adapter_dtype":
+            if not value:
+                raise LoraError("autocast_adapter_dtype=False is not supported: lorakit keeps adapters over a "
+                                "half-precision base in float32 (peft's default); drop the argument.")
+        elif key == "config":
+            if value is not None:
+                raise LoraError("passing config= to override the saved adapter_config.json is not supported; edit "
+                                "the folder's adapter_config.json or load it as saved.")
+        elif key not in _PEFT_LOAD_NOOPS:
+            raise TypeError(f"unexpected keyword argument {key!r} for loading an adapter (lorakit takes peft's "
+                            f"{sorted(_PEFT_LOAD_NOOPS | {'subfolder', 'autocast_adapter_dtype', 'config'})})")
+    return path
 
 
 def _read_checked(model: nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool, allow_pickle: bool,
