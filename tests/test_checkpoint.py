@@ -206,3 +206,29 @@ def test_saved_config_records_what_peft_writes(tmp_path):
     assert cfg["modules_to_save"] == ["classifier"]
     keys = load_file(tmp_path / "bert" / "adapter_model.safetensors").keys()
     assert "base_model.model.classifier.weight" in keys
+
+
+def test_base_embedding_weights_in_a_peft_file_are_dropped_and_checked(tmp_path):
+    # peft's save_embedding_layers adds the base embedding (and a tied head's) weights to the file
+    import warnings
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    randomize_lora(pm)
+    pm.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    sd = load_file(path)
+    base = tiny_llama()
+    emb = base.get_input_embeddings().weight.detach().clone()
+    sd["base_model.model.model.embed_tokens.base_layer.weight"] = emb
+    sd["base_model.model.lm_head.weight"] = base.get_output_embeddings().weight.detach().clone()
+    save_file(sd, path)
+    x = ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same weights as this model's: nothing to say
+        loaded = LoraModel.from_pretrained(base, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, pm(x).logits, rtol=0, atol=0)
+    sd["base_model.model.model.embed_tokens.base_layer.weight"] = emb + 1.0  # e.g. rows added by a resize
+    save_file(sd, path)
+    with pytest.warns(UserWarning, match="base embedding weights .* differ"):
+        LoraModel.from_pretrained(tiny_llama(), tmp_path)

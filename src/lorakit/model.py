@@ -558,9 +558,46 @@ def _read_checked(model: nn.Module, adapter_dir: str | os.PathLike, is_trainable
         plan = plan_adapter(model, config, wrapped=wrapped, strict=False)  # the file's keys are checked instead
     except LoraError as e:
         raise AdapterLoadError(f"adapter at {adapter_dir} does not fit this model: {e}") from None
+    weights = _drop_embedding_base_weights(model, weights, plan.expected_keys(), os.fspath(adapter_dir))
     check_state_dict(weights, plan.expected_keys(), what=f"adapter file in {adapter_dir}")
     warn_if_other_base(config, model, os.fspath(adapter_dir))
     return config, weights
+
+
+def _drop_embedding_base_weights(model: nn.Module, weights: dict[str, torch.Tensor], expected: dict, where: str
+                                 ) -> dict[str, torch.Tensor]:
+    """Drop the base embedding weights peft adds with ``save_embedding_layers`` (an input or output
+    embedding's ``weight``, or a targeted one's ``base_layer.weight``): lorakit never loads base weights.
+    Warns when they differ from this model's (e.g. the vocabulary was resized before training and the
+    new rows were trained or initialised differently): load or resize the base model they came from."""
+    embeddings = {}
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, get, None)
+        module = fn() if callable(fn) else None
+        module = getattr(module, "base_layer", module)
+        module = getattr(module, "original_module", module)
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            for path, m in model.named_modules():
+                if getattr(m, "weight", None) is weight:
+                    embeddings[PEFT_PREFIX + path.removesuffix(".base_layer") + ".weight"] = weight
+    kept, differ = {}, []
+    for key, value in weights.items():
+        plain = key.replace(".base_layer.weight", ".weight") if key.endswith(".base_layer.weight") else key
+        if key not in expected and plain in embeddings:
+            ours = embeddings[plain]
+            if ours.shape != value.shape or not torch.allclose(ours.detach().float().cpu(), value.float(), atol=1e-6):
+                differ.append(key)
+            continue
+        kept[key] = value
+    if differ:
+        import warnings
+
+        warnings.warn(f"adapter file in {where} carries base embedding weights (peft's save_embedding_layers) that "
+                      f"differ from this model's: {differ}; lorakit loads only the adapter. If the vocabulary was "
+                      f"resized for training, resize this model the same way (and load those rows) first.",
+                      stacklevel=4)
+    return kept
 
 
 PeftModel = LoraModel  # the name peft users have in their code
