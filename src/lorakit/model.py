@@ -326,7 +326,7 @@ class LoraModel(nn.Module):
         return type(self.model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
     def _fused_loss_forward(self, kwargs: dict):
-        from .lm_loss import (IGNORE_INDEX, body_hidden, check_fast_loss, fast_path_parts, fused_output,
+        from .lm_loss import (IGNORE_INDEX, _linear_of, body_hidden, check_fast_loss, fast_path_parts, fused_output,
                               labelled_loss_sum)
 
         parts = fast_path_parts(self)
@@ -348,7 +348,11 @@ class LoraModel(nn.Module):
         denom = kwargs.get("num_items_in_batch")
         if denom is None:
             denom = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        scale = 1.0 / max(float(denom), 1.0)  # half-precision heads round their gradient after the 1/N, as HF
+        # half-precision heads round their gradient after the 1/N, as HF does (float32 ones need no scale, and
+        # no host sync for it)
+        weight = getattr(_linear_of(head), "weight", None)
+        half = weight is not None and weight.dtype in (torch.float16, torch.bfloat16)
+        scale = 1.0 / max(float(denom), 1.0) if half else 1.0
         total = labelled_loss_sum(hidden[:, :-1], head, batch["labels"][:, 1:], half_scale=scale)
         if isinstance(denom, torch.Tensor):
             denom = denom.to(total.device)
