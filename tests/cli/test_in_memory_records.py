@@ -39,3 +39,8 @@ def test_prepare_and_train_on_records_in_memory(tiny_model_dir, tmp_path):
     assert len(setup.train_data) == 12 and setup.eval_data is None
     out = train(cfg, setup=setup, output_dir=tmp_path, print_fn=lambda s: None)
     assert out.result.steps == 2 and (out.result.adapter_dir / "adapter_model.safetensors").exists()
+
+
+def test_an_empty_eval_list_means_no_held_out_set(tiny_model_dir):
+    tr, ev, _ = load_data(_cfg(tiny_model_dir, "data.eval_fraction=0.25"), records=ROWS, eval_records=[])
+    assert len(tr) == 12 and ev == []  # not "no records (split 'train')", and no fraction split either

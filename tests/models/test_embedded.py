@@ -216,3 +216,26 @@ def test_uncached_hub_name_offline_says_why(tmp_path, monkeypatch):
 def test_missing_local_folder_is_named():
     with pytest.raises(ModelLoadError, match="model folder ./no/such/folder does not exist"):
         load_model_and_tokenizer("./no/such/folder")
+
+
+def test_a_checkpoint_that_is_not_a_causal_lm_is_refused_before_loading(tmp_path, embedded_model_dir):
+    from transformers import LlamaConfig, LlamaForSequenceClassification, T5Config, T5ForConditionalGeneration
+
+    folder = tiny_llama_dir(tmp_path, embedded_model_dir)
+    cls_dir, t5_dir = tmp_path / "cls", tmp_path / "t5"
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2,
+                                               num_key_value_heads=1)).save_pretrained(cls_dir)
+    T5ForConditionalGeneration(T5Config(vocab_size=49152, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                        num_heads=2)).save_pretrained(t5_dir)
+    for d in (cls_dir, t5_dir):
+        for name in TOKENIZER_FILES:
+            shutil.copy(folder / name, d / name)
+    # a classifier would load as a causal LM with a random head (trained at chance level); T5 would fail with
+    # transformers' list of every config class
+    with pytest.raises(ModelLoadError, match="LlamaForSequenceClassification checkpoint, not a language model"):
+        load_model_and_tokenizer(str(cls_dir))
+    with pytest.raises(ModelLoadError, match="encoder-decoder .*t5.*Python API"):
+        load_model_and_tokenizer(str(t5_dir))
+    model, _ = load_model_and_tokenizer(str(cls_dir), task="seq_cls")  # the right task still loads it
+    assert type(model).__name__ == "LlamaForSequenceClassification"

@@ -189,3 +189,28 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_resume(tmp_path):
     with pytest.raises(TrainingError, match="end of its run .*nothing to resume"):
         train_loop(make_model(), ex, pad_batch, cfg, tmp_path, resume="latest", print_fn=lambda s: None)
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tmp_path):
+    cfg = config_from_dict({}, BASE + ["train.max_steps=6"])  # save_every None: only the end, or an interrupt
+    ex = tiny_examples(12)
+    a = make_model()
+    train_loop(a, ex, pad_batch, cfg, tmp_path / "a", print_fn=lambda s: None)
+    want = trainable(a)
+
+    calls = []
+
+    def interrupting(batch):
+        calls.append(1)
+        if len(calls) == 4:  # while fetching step 4's batch
+            raise KeyboardInterrupt
+        return pad_batch(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(make_model(), ex, interrupting, cfg, tmp_path / "b", print_fn=lambda s: None)
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-000003"]
+    b = make_model()
+    res = train_loop(b, ex, pad_batch, cfg, tmp_path / "b", resume="latest", print_fn=lambda s: None)
+    assert res.steps == 6
+    for k, v in trainable(b).items():
+        assert torch.equal(v, want[k]), k

@@ -230,6 +230,8 @@ def load_model_and_tokenizer(
     torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path)
     _check_local_path(path)
+    if auto_class.__name__ == "AutoModelForCausalLM":
+        _check_causal(path, name_or_path, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = auto_class.from_pretrained(
@@ -254,6 +256,36 @@ def _dtype_kwarg(torch_dtype) -> dict:
     major = int(transformers.__version__.split(".")[0])
     minor = int(transformers.__version__.split(".")[1])
     return {"dtype": torch_dtype} if (major, minor) >= (4, 56) else {"torch_dtype": torch_dtype}
+
+
+#: head classes that are not a language model: loading them as one drops the head and trains a random one
+_NOT_CAUSAL = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM",
+               "ForMultipleChoice", "ForImageClassification")
+
+
+def _check_causal(path: str, name: str, trust_remote_code: bool) -> None:
+    """Refuse, before loading weights, a checkpoint that is not a causal LM (seq2seq, a classifier...).
+
+    transformers would either fail with a list of 200 config classes (T5) or load a classifier's body under
+    a fresh, random LM head (LlamaForSequenceClassification) and train that at chance level.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - the model load itself reports unreadable or missing folders
+        return
+    archs = list(getattr(config, "architectures", None) or [])
+    kind = None
+    if getattr(config, "is_encoder_decoder", False):
+        kind = f"an encoder-decoder (seq2seq) model ({config.model_type})"
+    elif archs and all(a.endswith(_NOT_CAUSAL) for a in archs):
+        kind = f"a {archs[0]} checkpoint, not a language model"
+    if kind:
+        raise ModelLoadError(
+            f"{name} is {kind}; recipes and `lorakit train` fine-tune causal language models. For this model use "
+            f"the Python API: lorakit.get_peft_model(model, LoraConfig(task_type=...)) with your own loop or "
+            f"lorakit.integrations.LoraTrainer (see the README).")
 
 
 def _check_local_path(path: str) -> None:

@@ -149,6 +149,8 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
     last_eval: dict = {}
     saved_at = -1
     empty_groups = 0
+    pending = 0         # examples of the group being trained on, not yet applied by an optimizer step
+    updating = False    # inside optimizer.step(): the weights are half updated
     try:
         while step < total:
             if order is None or pos >= len(order):
@@ -157,6 +159,7 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
                 order, pos = epoch_order(lengths, tc.batch_size, tc.seed, epoch, cfg.data.sort_by_length), 0
             group = order[pos:pos + tc.grad_accum]
             pos += len(group)
+            pending = len(group)
             batches = [move(collate([train_examples[i] for i in idx]), device) for idx in group]
             n_tok = sum(count_label_tokens(b["labels"]) for b in batches)
             if n_tok == 0:
@@ -184,10 +187,12 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
             if not math.isfinite(grad_norm):
                 raise _nan_error(step + 1, f"gradient norm became {grad_norm}", last_good, cfg)
             lr = scheduler.get_last_lr()[0]
+            updating = True
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            pending, updating = 0, False
             last_loss = float(step_loss)
             elapsed = time.time() - t0
             tok_s = run_tokens / elapsed if elapsed > 0 else 0.0
@@ -215,6 +220,14 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
         if saved_at != step:  # the end of the run is always resumable-from (save_every None: only here)
             last_good = save_checkpoint(out, step, raw_model, optimizer, scheduler, trainer_state(),
                                         cfg.output.keep_last)
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what the finished steps learnt, resumable; the interrupted group is trained again
+        if step > 0 and saved_at != step and not updating:
+            pos -= pending
+            optimizer.zero_grad(set_to_none=True)
+            ckpt = save_checkpoint(out, step, raw_model, optimizer, scheduler, trainer_state(), cfg.output.keep_last)
+            bar.write(f"interrupted at step {step}/{total}; checkpoint written: {ckpt} (continue with --resume)")
+        raise
     finally:
         bar.close()
         log.close()

@@ -112,7 +112,8 @@ def load_data(cfg: TrainConfig, train: bool = True, records: Optional[Sequence[d
     elif d.train and (train or not (d.eval or eval_records is not None)):
         train_records = list(load_records(resolve_source(d.train), split=d.train_split, **kw))
     if eval_records is not None:
-        eval_records = list(load_records(list(eval_records), **kw))
+        # an empty list means "no held-out set", as eval_fraction=0 does
+        eval_records = list(load_records(list(eval_records), **kw)) if len(eval_records) else []
     elif d.eval:
         eval_records = list(load_records(resolve_source(d.eval), split=d.eval_split, **kw))
     elif d.eval_fraction > 0 and train_records:
