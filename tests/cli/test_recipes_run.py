@@ -57,9 +57,17 @@ def test_qlora_recipe_on_tiny_model(tiny_model_dir, tmp_path, shared_data):
                                  eos_token_id=tok.eos_token_id)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     out = tmp_path / "out"
-    extra = ("--set", "eval.accuracy=false", "--set", "model.load_in_4bit=true", "--set", "lora.use_rslora=true")
+    extra = ("--set", "eval.accuracy=false", "--set", "model.load_in_4bit=true", "--set", "lora.use_rslora=true",
+             "--set", "output.merge=true")  # merged into the base loaded at full precision (4-bit cannot hold it)
     assert train_recipe("job_b_raft", model_dir, out, extra=extra) == 0
     cfg = LoraConfig.from_pretrained(out / "adapter")
     assert cfg.use_rslora
+    from lorakit import LoraModel
+
+    merged = LlamaForCausalLM.from_pretrained(out / "merged")
+    adapted = LoraModel.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir), out / "adapter").eval()
+    x = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, adapted(x).logits, atol=1e-4, rtol=1e-4)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)

@@ -212,7 +212,18 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, output_dir: str
     setup.tokenizer.save_pretrained(result.adapter_dir or out)
     merged_dir = None
     if cfg.output.merge:
-        merged_dir = save_merged(setup.model, setup.tokenizer, out / "merged")
+        model = setup.model
+        if cfg.model.load_in_4bit:
+            # 4-bit weights cannot take the update: merge the saved adapter into the base loaded at full precision
+            from lorakit import LoraModel
+            from lorakit.models import load_model_and_tokenizer
+
+            print_fn(f"merging the adapter into {cfg.model.name} loaded in {cfg.model.dtype} (the 4-bit base cannot "
+                     f"hold the merged weights)")
+            base, _ = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, device="cpu",
+                                               trust_remote_code=cfg.model.trust_remote_code)
+            model = LoraModel.from_pretrained(base, result.adapter_dir)
+        merged_dir = save_merged(model, setup.tokenizer, out / "merged")
     return RunOutputs(result=result, setup=setup, merged_dir=merged_dir,
                       report=extra.last_report if extra is not None else None)
 
