@@ -241,11 +241,20 @@ class LoraModel(nn.Module):
                         params.append(b)
         return params
 
+    def _switchable(self) -> list:
+        """Every module whose adapters can be switched off: LoRA layers and modules_to_save wrappers."""
+        return [l for _, l in self.lora_layers()] + [w for _, w in self._saved_wrappers()]
+
+    def _set_adapters_disabled(self, disabled: bool) -> None:
+        self._check_live()
+        for layer in self._switchable():
+            layer.disable_adapters = disabled
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model without any adapter inside the ``with`` block."""
         self._check_live()
-        layers = [l for _, l in self.lora_layers()] + [w for _, w in self._saved_wrappers()]
+        layers = self._switchable()
         before = [l.disable_adapters for l in layers]  # nested blocks: leaving the inner one restores, not enables
         try:
             for l in layers:
@@ -257,15 +266,11 @@ class LoraModel(nn.Module):
 
     def disable_adapter_layers(self) -> None:
         """Switch every adapter off until ``enable_adapter_layers()`` (peft's method; merged ones are unmerged)."""
-        self._check_live()
-        for layer in [l for _, l in self.lora_layers()] + [w for _, w in self._saved_wrappers()]:
-            layer.disable_adapters = True
+        self._set_adapters_disabled(True)
 
     def enable_adapter_layers(self) -> None:
         """Undo ``disable_adapter_layers()``."""
-        self._check_live()
-        for layer in [l for _, l in self.lora_layers()] + [w for _, w in self._saved_wrappers()]:
-            layer.disable_adapters = False
+        self._set_adapters_disabled(False)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (with the LoRA layers in it), as peft's ``get_base_model``."""
@@ -335,8 +340,9 @@ class LoraModel(nn.Module):
             return self.model(**kwargs)
         batch = {k: kwargs[k] for k in ("input_ids", "attention_mask", "labels", "position_ids")
                  if kwargs.get(k) is not None}
+        labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         if self._fused_ok is None:
-            if not bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):
+            if not bool(labelled):
                 return self.model(**kwargs)  # no labelled token to check against: decide on a later batch
             self._fused_ok = check_fast_loss(self, parts, batch)
             if not self._fused_ok:
@@ -347,7 +353,7 @@ class LoraModel(nn.Module):
         hidden = body_hidden(body, batch, drop_last=False)
         denom = kwargs.get("num_items_in_batch")
         if denom is None:
-            denom = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            denom = labelled
         # half-precision heads round their gradient after the 1/N, as HF does (float32 ones need no scale, and
         # no host sync for it)
         weight = getattr(_linear_of(head), "weight", None)
