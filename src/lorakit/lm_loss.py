@@ -24,6 +24,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .ops import linear_cross_entropy
+from .skip_rows import run_with_rows
 
 __all__ = ["IGNORE_INDEX", "FusedLossOutput", "LossComputer", "body_hidden", "check_fast_loss", "count_label_tokens",
            "fast_loss_sum", "fast_path_parts", "fused_output", "hf_loss_sum", "labelled_loss_sum", "unwrap_hf"]
@@ -193,9 +194,22 @@ def labelled_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tenso
 def fast_loss_sum(body: nn.Module, head: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """Sum of the token cross-entropies over labelled positions (divide by the token count for the mean).
 
-    The body runs on one position per row less (see ``body_hidden``).
+    The body runs on one position per row less (see ``body_hidden``), and its feed-forward blocks
+    skip padding, and in the last layer every position without a label (``skip_rows``).
     """
-    return labelled_loss_sum(body_hidden(body, batch), head, batch["labels"][:, 1:])
+    labels = batch["labels"][:, 1:]
+    mask = batch.get("attention_mask")
+    if mask is None:
+        keep = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    elif mask.dim() == 2:
+        keep = mask[:, :-1] != 0
+    else:  # a custom (4D) mask: no idea which positions are padding, only the last layer skips
+        keep = None
+    if keep is None:
+        hidden = body_hidden(body, batch)
+    else:
+        hidden = run_with_rows(body, keep, labels != IGNORE_INDEX, lambda: body_hidden(body, batch))
+    return labelled_loss_sum(hidden, head, labels)
 
 
 def hf_loss_sum(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -218,7 +232,10 @@ def check_fast_loss(model: nn.Module, parts: tuple[nn.Module, nn.Module], batch:
         # forward twice
         rows = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=1).nonzero().flatten()
         if rows.numel():
-            pick = rows[:1]
+            # the row with the most padding: the fast path skips work there (skip_rows), so check that too
+            mask = batch.get("attention_mask")
+            fill = mask[rows].sum(dim=1) if mask is not None and mask.dim() == 2 else torch.zeros_like(rows)
+            pick = rows[fill.argmin()].reshape(1)
             batch = {k: (v[pick] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
         with torch.no_grad():
             n = max(count_label_tokens(batch["labels"]), 1)

@@ -75,3 +75,39 @@ def test_row_count_layouts_agree(n):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-3)
     for a, e in zip(torch.autograd.grad(out, [hidden, weight]), torch.autograd.grad(ref, [hidden, weight])):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block", [7, 16, 50, 4096])  # uneven last block, several blocks, one block
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_pass_over_vocabulary_blocks_matches_the_reference(monkeypatch, block, bias):
+    # a frozen float32 head with few rows reads the head once, block by block (online softmax); the
+    # logits span a wide range so that later blocks raise the running maximum many times
+    from lorakit.ops import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "_VOCAB_BLOCK", block)
+    hidden, weight, b, targets = _data(n=9, h=12, v=50, dtype=torch.float32, bias=bias)
+    weight = (weight * torch.linspace(0.1, 8.0, 50).unsqueeze(1)).detach()  # maxima grow along the vocabulary
+    targets[3] = -100
+    out = linear_cross_entropy(hidden, weight, targets, bias=b)
+    ref = F.cross_entropy(F.linear(hidden, weight, b), targets, reduction="sum", ignore_index=-100)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    (got,) = torch.autograd.grad(out * 0.3, hidden)
+    (want,) = torch.autograd.grad(ref * 0.3, hidden)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, bias=b), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_one_pass_is_used_for_few_rows_and_not_for_a_trainable_head(monkeypatch):
+    from lorakit.ops import cross_entropy
+
+    calls = []
+    real = cross_entropy._one_pass
+    monkeypatch.setattr(cross_entropy, "_one_pass", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    hidden, weight, _, targets = _data(n=5, dtype=torch.float32)
+    linear_cross_entropy(hidden, weight, targets).backward()
+    assert calls == [5]
+    linear_cross_entropy(hidden, weight.detach().requires_grad_(), targets).backward()  # head grads: chunked path
+    hidden, weight, _, targets = _data(n=cross_entropy._ONE_PASS_ROWS + 1, dtype=torch.float32)
+    linear_cross_entropy(hidden, weight, targets).backward()
+    assert calls == [5]

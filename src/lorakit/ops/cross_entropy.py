@@ -12,6 +12,14 @@ plain path to float32 rounding (tests/ops/test_cross_entropy.py).
 
 A trainable head (``W`` or ``b`` requiring grad) also gets its gradient accumulated per chunk.
 Half-precision heads compute logits in their dtype and the softmax in float32, as HF's loss does.
+
+Few rows (short answers: a classification label is 1-3 tokens a row, 8-24 in a batch) make the head's
+two products over the whole vocabulary memory-bound skinny GEMMs that MKL runs badly (16-150 ms for 2-8
+rows of a 49k x 576 head on the dev VM, some layouts 10x slower than others). There the float32 path
+walks the vocabulary in blocks instead, once: each block's logits, a running maximum and sum
+(the online softmax) and the running ``softmax @ W`` are formed while the block is in cache, so the
+head is read once and both products are small in-cache GEMMs (2-8 rows: 15-23 ms instead of 80-150;
+24-96 rows: 15-25% faster).
 """
 from __future__ import annotations
 
@@ -26,10 +34,51 @@ IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 16 * 1024 * 1024
 #: below this many rows the transposed products are faster on MKL (2-core dev VM, 49k vocabulary)
 _FEW_ROWS = 64
+#: up to this many rows (float32, frozen head) the head is read once, in vocabulary blocks (see above)
+_ONE_PASS_ROWS = 256
+#: vocabulary rows per block of the one-pass path (2048 x 576 float32 = 4.5 MiB: in L3 for both products)
+_VOCAB_BLOCK = 2048
 
 
 def _chunk_rows(vocab: int, rows: int) -> int:
     return max(1, min(rows, _CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+def _one_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+              need_h: bool, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy and its gradient w.r.t. ``hidden``, reading the head once (float32).
+
+    Online softmax over vocabulary blocks: with m the running maximum of a row's logits and
+    s = sum exp(logit - m), a block with a larger maximum m' rescales s and the running
+    ``sum_v exp(logit_v - m) W_v`` by exp(m - m'). At the end lse = m + log s and the gradient of
+    CE w.r.t. the row is ``(sum_v exp(logit_v - m) W_v) / s - W_target``.
+    """
+    n = hidden.shape[0]
+    vocab = weight.shape[0]
+    h_t = hidden.t()
+    run_max = hidden.new_full((1, n), float("-inf"))
+    run_sum = hidden.new_zeros((1, n))
+    acc = hidden.new_zeros(hidden.shape) if need_h else None
+    buf = hidden.new_empty((min(block, vocab), n))
+    for v0 in range(0, vocab, block):
+        w_b = weight[v0:v0 + block]
+        logits = torch.mm(w_b, h_t, out=buf[:w_b.shape[0]])       # [block, n]: the fast layout for few rows
+        if bias is not None:
+            logits.add_(bias[v0:v0 + block, None])
+        new_max = torch.maximum(run_max, logits.amax(0, keepdim=True))
+        rescale = (run_max - new_max).exp_()
+        probs = logits.sub_(new_max).exp_()                       # unnormalised, relative to the new maximum
+        run_sum.mul_(rescale).add_(probs.sum(0, keepdim=True))
+        if acc is not None:
+            acc.mul_(rescale.t()).addmm_(probs.t(), w_b)
+        run_max = new_max
+    w_target = weight.index_select(0, targets)
+    target_logit = (hidden * w_target).sum(1)
+    if bias is not None:
+        target_logit = target_logit + bias.index_select(0, targets)
+    total = (run_max + run_sum.log()).squeeze(0).sub(target_logit).sum()
+    grad_h = acc.div_(run_sum.t()).sub_(w_target) if acc is not None else None
+    return total, grad_h
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -37,6 +86,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk: int, half_scale: float):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n = hidden.shape[0]
+        if (0 < n <= _ONE_PASS_ROWS and not (need_w or need_b) and hidden.dtype == torch.float32
+                and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)):
+            total, grad_h = _one_pass(hidden, weight, bias, targets, need_h, _VOCAB_BLOCK)
+            ctx.save_for_backward(grad_h, None, None)
+            ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+            ctx.half_scale = 1.0
+            return total
         vocab = weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
