@@ -108,6 +108,13 @@ def test_one_pass_is_used_for_few_rows_and_not_for_a_trainable_head(monkeypatch)
     linear_cross_entropy(hidden, weight, targets).backward()
     assert calls == [5]
     linear_cross_entropy(hidden, weight.detach().requires_grad_(), targets).backward()  # head grads: chunked path
-    hidden, weight, _, targets = _data(n=cross_entropy._ONE_PASS_ROWS + 1, dtype=torch.float32)
-    linear_cross_entropy(hidden, weight, targets).backward()
+    linear_cross_entropy(hidden.double(), weight.double(), targets).backward()  # not float32: chunked path
     assert calls == [5]
+    monkeypatch.setattr(cross_entropy, "_ONE_PASS_ROWS", 4)  # rows in groups, each one pass
+    hidden, weight, _, targets = _data(n=11, dtype=torch.float32)
+    out = linear_cross_entropy(hidden, weight, targets)
+    ref = F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.autograd.grad(out, hidden)[0], torch.autograd.grad(ref, hidden)[0],
+                               rtol=1e-4, atol=1e-5)
+    assert calls == [5, 4, 4, 3]

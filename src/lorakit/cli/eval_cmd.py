@@ -119,7 +119,7 @@ def _select_records(cfg) -> tuple[list, tuple, str, bool, int]:
     """(records, labels, where they come from, whether they are training records, records available)."""
     import dataclasses
 
-    from lorakit.train.run import _subset, load_data
+    from lorakit.train.run import sample_records, load_data
 
     d = cfg.data
     held_out = bool(d.eval) or d.eval_fraction > 0
@@ -135,7 +135,7 @@ def _select_records(cfg) -> tuple[list, tuple, str, bool, int]:
     else:
         where = f"{d.train}"
         pool = train_records
-    records = _subset(list(pool), d.max_eval_samples, cfg.train.seed + 1)
+    records = sample_records(list(pool), d.max_eval_samples, cfg.train.seed + 1)
     return records, labels, where, not held_out, len(pool)
 
 

@@ -84,7 +84,8 @@ def make_template(cfg: TrainConfig):
     return get_template(cfg.data.template, **kw)
 
 
-def _subset(records: list, n: Optional[int], seed: int) -> list:
+def sample_records(records: list, n: Optional[int], seed: int) -> list:
+    """``n`` of ``records`` drawn with ``seed``, in their original order (all of them when n is None or too big)."""
     if n is None or n >= len(records):
         return records
     idx = sorted(random.Random(seed).sample(range(len(records)), n))
@@ -129,8 +130,8 @@ def load_data(cfg: TrainConfig, train: bool = True, records: Optional[Sequence[d
     if not labels and d.label_column:  # from all records, before any subsetting
         seen = [r.get(d.label_column) for r in train_records + eval_records]
         labels = tuple(sorted({str(v) for v in seen if v is not None}))
-    train_records = _subset(train_records, d.max_train_samples, cfg.train.seed)
-    eval_records = _subset(eval_records, d.max_eval_samples, cfg.train.seed + 1)
+    train_records = sample_records(train_records, d.max_train_samples, cfg.train.seed)
+    eval_records = sample_records(eval_records, d.max_eval_samples, cfg.train.seed + 1)
     if cfg.wants_accuracy and not labels:
         raise ConfigError("accuracy needs the label set: set data.label_column (and data.label_names), or "
                           "--set eval.accuracy=false")
