@@ -43,19 +43,20 @@ class _ApplyKeep(torch.autograd.Function):
 
 def _mul_keep_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """x *= keep where x may be written (a contiguous CPU float tensor), else x * keep."""
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
-            and not x.requires_grad):
-        xn = x.numpy()
-        np.multiply(xn, keep.numpy(), out=xn)
-        return x
+    if x.device.type == "cpu" and x.is_floating_point() and x.is_contiguous() and not x.requires_grad:
+        return x.mul_(keep.view(torch.uint8))
     return _mul_keep(x, keep)
 
 
 def _mul_keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x * keep in one pass. numpy's bool*float loop is ~20x faster than torch's on CPU."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        xn = x.detach().contiguous().numpy()
-        return torch.from_numpy(np.multiply(xn, keep.numpy(), dtype=xn.dtype))
+    """x * keep in one pass.
+
+    On CPU the mask is read as uint8 (0/1, the same bytes): torch's bool*float loop is ~20x slower
+    than numpy's, its uint8*float loop is vectorised and uses every thread (in a training step the
+    forward and backward masking took 100 + 68 ms with numpy, 60 + 50 ms so; two cores).
+    """
+    if x.device.type == "cpu" and x.is_floating_point():
+        return x.detach() * keep.view(torch.uint8)
     return x * keep.to(x.device)
 
 
