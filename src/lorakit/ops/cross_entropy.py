@@ -39,9 +39,9 @@ _FEW_ROWS = 64
 #: a float32 frozen head is read once per this many rows, in vocabulary blocks (see above)
 _ONE_PASS_ROWS = 1024
 #: vocabulary rows per block of the one-pass path (2048 x 576 float32 = 4.5 MiB: in L3 for both
-#: products); half that above _FEW_ROWS_BLOCK rows, so the [block, rows] logits stay a few MiB
+#: products); half that above _WIDE_BLOCK_ROWS rows, so the [block, rows] logits stay a few MiB
 _VOCAB_BLOCK = 2048
-_FEW_ROWS_BLOCK = 256
+_WIDE_BLOCK_ROWS = 256
 
 
 def _chunk_rows(vocab: int, rows: int) -> int:
@@ -85,67 +85,79 @@ def _one_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return total, grad_h
 
 
+def _blocked(hidden, weight, bias, targets, need_h: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float32 frozen-head path: ``_one_pass`` per group of ``_ONE_PASS_ROWS`` rows."""
+    n = hidden.shape[0]
+    block = _VOCAB_BLOCK if n <= _WIDE_BLOCK_ROWS else _VOCAB_BLOCK // 2
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    for start in range(0, n, _ONE_PASS_ROWS):
+        end = min(n, start + _ONE_PASS_ROWS)
+        part, g = _one_pass(hidden[start:end], weight, bias, targets[start:end], need_h, block)
+        total += part
+        if g is not None:
+            grad_h[start:end] = g
+    return total, grad_h
+
+
+def _chunked(hidden, weight, bias, targets, chunk: int, half_scale: float, need_h: bool, need_w: bool,
+             need_b: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Row chunks over the whole vocabulary: trainable heads and half precision."""
+    n = hidden.shape[0]
+    vocab = weight.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+    fp32 = hidden.dtype == torch.float32 and weight.dtype == torch.float32
+    rows = min(chunk, n)
+    if fp32 and n:
+        # two buffers reused by every chunk: no fresh multi-MB allocation per chunk
+        buf_logits = hidden.new_empty((rows, vocab))
+        buf_logp = hidden.new_empty((rows, vocab))
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        h, t = hidden[start:end], targets[start:end]
+        m = end - start
+        if fp32:
+            if m <= _FEW_ROWS:  # few rows: [V, m] = W @ h.T then transposed is the faster GEMM
+                logits = buf_logits[:m].copy_(torch.mm(weight, h.t()).t())
+            else:
+                logits = torch.mm(h, weight.t(), out=buf_logits[:m])
+            if bias is not None:
+                logits.add_(bias)
+            logp = torch.ops.aten._log_softmax.out(logits, 1, False, out=buf_logp[:m])
+        else:
+            logp = torch.log_softmax(F.linear(h, weight, bias).float(), dim=1)
+        total += logp.gather(1, t.unsqueeze(1)).sum().neg()
+        if not (need_h or need_w or need_b):
+            continue
+        probs = logp.exp_()  # d loss / d logits = softmax - onehot
+        probs[torch.arange(m, device=probs.device), t] -= 1.0
+        # half precision: scale before rounding to the head's dtype, where HF's loss has its 1/N
+        g = probs if fp32 else (probs if half_scale == 1.0 else probs * half_scale).to(weight.dtype)
+        if need_h:
+            if fp32 and m > 4 * _FEW_ROWS:
+                torch.mm(g, weight, out=grad_h[start:end])
+            else:  # up to ~256 rows, (W.T @ g.T).T runs 5-30% faster than g @ W
+                grad_h[start:end].copy_(torch.mm(weight.t(), g.t()).t())
+        if need_w:
+            grad_w.addmm_(probs.t(), h.float())
+        if need_b:
+            grad_b += probs.sum(0)
+    return total, grad_h, grad_w, grad_b
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk: int, half_scale: float):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n = hidden.shape[0]
-        if (n and not (need_w or need_b) and hidden.dtype == torch.float32
-                and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)):
-            block = _VOCAB_BLOCK if n <= _FEW_ROWS_BLOCK else _VOCAB_BLOCK // 2
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad_h = torch.empty_like(hidden) if need_h else None
-            for start in range(0, n, _ONE_PASS_ROWS):
-                end = min(n, start + _ONE_PASS_ROWS)
-                part, g = _one_pass(hidden[start:end], weight, bias, targets[start:end], need_h, block)
-                total += part
-                if g is not None:
-                    grad_h[start:end] = g
-            ctx.save_for_backward(grad_h, None, None)
-            ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-            ctx.half_scale = 1.0
-            return total
-        vocab = weight.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
         fp32 = hidden.dtype == torch.float32 and weight.dtype == torch.float32
-        rows = min(chunk, n)
-        if fp32 and n:
-            # two buffers reused by every chunk: no fresh multi-MB allocation per chunk
-            buf_logits = hidden.new_empty((rows, vocab))
-            buf_logp = hidden.new_empty((rows, vocab))
-        for start in range(0, n, chunk):
-            end = min(n, start + chunk)
-            h, t = hidden[start:end], targets[start:end]
-            m = end - start
-            if fp32:
-                if m <= _FEW_ROWS:  # few rows: [V, m] = W @ h.T then transposed is the faster GEMM
-                    logits = buf_logits[:m].copy_(torch.mm(weight, h.t()).t())
-                else:
-                    logits = torch.mm(h, weight.t(), out=buf_logits[:m])
-                if bias is not None:
-                    logits.add_(bias)
-                logp = torch.ops.aten._log_softmax.out(logits, 1, False, out=buf_logp[:m])
-            else:
-                logp = torch.log_softmax(F.linear(h, weight, bias).float(), dim=1)
-            total += logp.gather(1, t.unsqueeze(1)).sum().neg()
-            if not (need_h or need_w or need_b):
-                continue
-            probs = logp.exp_()  # d loss / d logits = softmax - onehot
-            probs[torch.arange(m, device=probs.device), t] -= 1.0
-            # half precision: scale before rounding to the head's dtype, where HF's loss has its 1/N
-            g = probs if fp32 else (probs if half_scale == 1.0 else probs * half_scale).to(weight.dtype)
-            if need_h:
-                if fp32 and m > 4 * _FEW_ROWS:
-                    torch.mm(g, weight, out=grad_h[start:end])
-                else:  # up to ~256 rows, (W.T @ g.T).T runs 5-30% faster than g @ W
-                    grad_h[start:end].copy_(torch.mm(weight.t(), g.t()).t())
-            if need_w:
-                grad_w.addmm_(probs.t(), h.float())
-            if need_b:
-                grad_b += probs.sum(0)
+        if fp32 and not (need_w or need_b) and (bias is None or bias.dtype == torch.float32):
+            (total, grad_h), grad_w, grad_b = _blocked(hidden, weight, bias, targets, need_h), None, None
+        else:
+            total, grad_h, grad_w, grad_b = _chunked(hidden, weight, bias, targets, chunk, half_scale,
+                                                     need_h, need_w, need_b)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         ctx.half_scale = 1.0 if fp32 else half_scale
