@@ -16,7 +16,8 @@ see the same inputs); the hidden states at the skipped positions are not the mod
 never read: the lazily computed logits of ``LoraModel.forward`` do not use this path).
 ``lm_loss.check_fast_loss`` compares the result with the model's own loss once, on the row with
 the most padding. Not used under gradient checkpointing (its recomputation runs outside this
-context) or when a block returns something other than one tensor (then switched off for that model).
+context); switched off for a model whose block returns something other than one tensor or fails on
+the gathered rows (the call then runs again without skipping).
 """
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ def feed_forward_rows(body: nn.Module, keep: torch.Tensor, last_keep: torch.Tens
         n = shape[0] * shape[1]
 
         def gather(module, args, kwargs):
-            def pick(t):
-                if isinstance(t, torch.Tensor) and t.dim() >= 3 and tuple(t.shape[:2]) == shape:
+            def pick(t):  # every per-position tensor: the hidden states, a [batch, positions] mask
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[:2]) == shape:
                     return t.reshape(n, *t.shape[2:]).index_select(0, index).unsqueeze(0)
                 return t
             return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
@@ -128,11 +129,18 @@ def feed_forward_rows(body: nn.Module, keep: torch.Tensor, last_keep: torch.Tens
 
 
 def run_with_rows(body: nn.Module, keep: torch.Tensor, last_keep: torch.Tensor, fn):
-    """``fn()`` inside ``feed_forward_rows``; a block that returns more than one tensor switches skipping off
-    for ``body`` and ``fn()`` runs again without it."""
+    """``fn()`` inside ``feed_forward_rows``.
+
+    A block that returns more than one tensor, or any error while the blocks were hooked (a block whose
+    code assumes the full [batch, positions] shape), switches skipping off for ``body`` and ``fn()``
+    runs again without it; an error that also happens without skipping is the caller's to see.
+    """
+    hooked = False
     try:
-        with feed_forward_rows(body, keep, last_keep):
+        with feed_forward_rows(body, keep, last_keep) as hooked:
             return fn()
-    except _NotOneTensor:
-        _UNSUPPORTED.add(body)
-        return fn()
+    except Exception:
+        if not hooked:
+            raise
+    _UNSUPPORTED.add(body)
+    return fn()
