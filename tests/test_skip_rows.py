@@ -68,6 +68,23 @@ def test_same_loss_and_gradients_with_and_without_skipping(family, side, monkeyp
     torch.testing.assert_close(skipped / n, own, rtol=1e-4, atol=1e-5)
 
 
+def test_labels_on_padding_are_still_computed_exactly(monkeypatch):
+    # a collator that copies input_ids into labels scores padded positions too: their hidden states are
+    # read by the loss, so their feed-forward blocks must run in every layer
+    model = get_peft_model(build("llama"), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                                      target_modules="all-linear"))
+    perturb_lora(model)
+    model.train()
+    batch = _padded_batch("right")
+    batch["labels"] = batch["input_ids"].clone()
+    skipped, g_skip = _loss_and_grads(model, batch, True, monkeypatch)
+    plain, g_plain = _loss_and_grads(model, batch, False, monkeypatch)
+    torch.testing.assert_close(skipped, plain, rtol=1e-5, atol=1e-5)
+    for name in g_plain:
+        torch.testing.assert_close(g_skip[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert LossComputer(model).is_fast
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "gpt_neox", "qwen2"])
 def test_feed_forward_blocks_are_found_and_skipped(family):
     model = build(family)

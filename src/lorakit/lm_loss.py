@@ -198,17 +198,14 @@ def fast_loss_sum(body: nn.Module, head: nn.Module, batch: dict[str, Any]) -> to
     skip padding, and in the last layer every position without a label (``skip_rows``).
     """
     labels = batch["labels"][:, 1:]
+    read = labels != IGNORE_INDEX
     mask = batch.get("attention_mask")
-    if mask is None:
-        keep = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-    elif mask.dim() == 2:
-        keep = mask[:, :-1] != 0
-    else:  # a custom (4D) mask: no idea which positions are padding, only the last layer skips
-        keep = None
-    if keep is None:
+    if mask is not None and mask.dim() != 2:  # a custom (4D) mask: which positions are padding is unknown
         hidden = body_hidden(body, batch)
     else:
-        hidden = run_with_rows(body, keep, labels != IGNORE_INDEX, lambda: body_hidden(body, batch))
+        # every real token, and any position the loss reads even if its mask is 0 (labels on padding)
+        keep = torch.ones_like(read) if mask is None else (mask[:, :-1] != 0) | read
+        hidden = run_with_rows(body, keep, read, lambda: body_hidden(body, batch))
     return labelled_loss_sum(hidden, head, labels)
 
 

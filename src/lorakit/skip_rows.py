@@ -4,8 +4,9 @@ A decoder layer's feed-forward block (``mlp``: ~75% of a Llama layer's matmul FL
 position alone. Two kinds of positions never need it:
 
 * padding (``attention_mask`` 0): a real position never attends to it, and its own output is not
-  scored, so whatever the block gives there changes nothing (a length-sorted batch of RAFT tweets is
-  still 8% padding; an unsorted one 30-50%);
+  scored (``fast_loss_sum`` keeps a padded position that does carry a label), so whatever the block
+  gives there changes nothing (a length-sorted batch of RAFT tweets is still 8% padding; an unsorted
+  one 30-50%);
 * in the last layer, every position whose final hidden state does not reach the loss (the loss reads
   only positions that have a label: ~3 of ~36 per row for a short classification answer).
 
