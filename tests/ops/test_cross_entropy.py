@@ -118,3 +118,19 @@ def test_one_pass_is_used_for_few_rows_and_not_for_a_trainable_head(monkeypatch)
     torch.testing.assert_close(torch.autograd.grad(out, hidden)[0], torch.autograd.grad(ref, hidden)[0],
                                rtol=1e-4, atol=1e-5)
     assert calls == [5, 4, 4, 3]
+
+
+def test_one_pass_with_a_vocabulary_block_masked_to_minus_infinity(monkeypatch):
+    from lorakit.ops import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "_VOCAB_BLOCK", 10)
+    hidden, weight, b, targets = _data(n=6, h=8, v=50, dtype=torch.float32, bias=True)
+    b = b.detach().clone()
+    b[:20] = float("-inf")            # the first two blocks can never be predicted
+    targets = targets % 30 + 20
+    out = linear_cross_entropy(hidden, weight, targets, bias=b)
+    ref = F.cross_entropy(F.linear(hidden, weight, b), targets, reduction="sum")
+    assert torch.isfinite(out)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.autograd.grad(out, hidden)[0], torch.autograd.grad(ref, hidden)[0],
+                               rtol=1e-4, atol=1e-5)

@@ -60,7 +60,9 @@ def _one_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     n = hidden.shape[0]
     vocab = weight.shape[0]
     h_t = hidden.t()
-    run_max = hidden.new_full((1, n), float("-inf"))
+    # a finite start: a block whose logits are all -inf (a bias masking part of the vocabulary) then
+    # rescales by exp(0) and adds exp(-inf) = 0 instead of making NaN from -inf - -inf
+    run_max = hidden.new_full((1, n), torch.finfo(hidden.dtype).min)
     run_sum = hidden.new_zeros((1, n))
     acc = hidden.new_zeros(hidden.shape) if need_h else None
     buf = hidden.new_empty((min(block, vocab), n))
