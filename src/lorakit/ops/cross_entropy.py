@@ -13,7 +13,7 @@ plain path to float32 rounding (tests/ops/test_cross_entropy.py).
 A trainable head (``W`` or ``b`` requiring grad) also gets its gradient accumulated per chunk.
 Half-precision heads compute logits in their dtype and the softmax in float32, as HF's loss does.
 
-A float32 frozen head (the usual LoRA case) takes another route: row chunks over the whole vocabulary
+A float32 frozen head on CPU (the usual LoRA case there) takes another route: row chunks over the whole vocabulary
 make two products per chunk that each read the head, and with few rows (short answers: a
 classification label is 1-3 tokens a row, 8-24 in a batch) they are memory-bound skinny GEMMs that
 MKL runs badly (16-150 ms for 2-8 rows of a 49k x 576 head on the dev VM, some layouts 10x slower than
@@ -21,7 +21,8 @@ others); with many rows the [rows, vocab] logits and their softmax pass through 
 So the float32 path walks the vocabulary in blocks instead, once per 1024 rows: each block's logits, a
 running maximum and sum (the online softmax) and the running ``softmax @ W`` are formed while the
 block is in cache. 2-8 rows: 15-23 ms instead of 80-150; 24-96 rows: 15-25% faster; 1016 rows (a
-batch of 8 x 128): 683 ms instead of 817 (two cores).
+batch of 8 x 128): 683 ms instead of 817 (two cores). On a GPU the many small per-block kernels
+would be launch-bound for long batches and big vocabularies, so CUDA tensors keep the row chunks.
 """
 from __future__ import annotations
 
@@ -155,7 +156,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk: int, half_scale: float):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         fp32 = hidden.dtype == torch.float32 and weight.dtype == torch.float32
-        if fp32 and not (need_w or need_b) and (bias is None or bias.dtype == torch.float32):
+        if (fp32 and hidden.device.type == "cpu" and not (need_w or need_b)
+                and (bias is None or bias.dtype == torch.float32)):
             (total, grad_h), grad_w, grad_b = _blocked(hidden, weight, bias, targets, need_h), None, None
         else:
             total, grad_h, grad_w, grad_b = _chunked(hidden, weight, bias, targets, chunk, half_scale,
