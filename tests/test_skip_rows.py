@@ -126,25 +126,6 @@ class _Layer(nn.Module):
         return x + self.mlp(x).view_as(x)
 
 
-def test_a_block_with_another_output_switches_skipping_off_and_gives_the_plain_result():
-    torch.manual_seed(0)
-    body = nn.Sequential(nn.ModuleList([_Layer(8), _Layer(8)]))
-    layers = body[0]
-    x = torch.randn(2, 5, 8)
-
-    def run():
-        h = x
-        for layer in layers:
-            h = layer(h)
-        return h
-
-    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    out = skip_rows.run_with_rows(body, keep, keep, run)
-    torch.testing.assert_close(out, run())
-    assert not skip_rows.usable(body)
-    assert not any(layer.mlp._forward_hooks for layer in layers)
-
-
 class _ShapeBoundMLP(nn.Module):
     """A block whose code assumes the layer's [2, 5] batch shape: fails on gathered rows."""
 
@@ -157,20 +138,27 @@ class _ShapeBoundMLP(nn.Module):
 
 
 class _BrokenMLP(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+
     def forward(self, x):
         raise ValueError("broken block")
+
+
+_KEEP = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
 
 
 def _stack(block_cls):
     layers = nn.ModuleList([_Layer(8), _Layer(8)])
     for layer in layers:
-        layer.mlp = block_cls(8) if block_cls is not _BrokenMLP else _BrokenMLP()
+        layer.mlp = block_cls(8)
     return nn.Sequential(layers), layers
 
 
-def test_a_block_that_fails_on_gathered_rows_runs_again_without_skipping():
+@pytest.mark.parametrize("block_cls", [_FlatMLP, _ShapeBoundMLP])
+def test_a_block_that_cannot_take_gathered_rows_switches_skipping_off_and_gives_the_plain_result(block_cls):
     torch.manual_seed(0)
-    body, layers = _stack(_ShapeBoundMLP)
+    body, layers = _stack(block_cls)
     x = torch.randn(2, 5, 8)
 
     def run():
@@ -179,17 +167,16 @@ def test_a_block_that_fails_on_gathered_rows_runs_again_without_skipping():
             h = layer(h)
         return h
 
-    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    out = skip_rows.run_with_rows(body, keep, keep, run)
+    out = skip_rows.run_with_rows(body, _KEEP, _KEEP, run)
     torch.testing.assert_close(out, run())
     assert not skip_rows.usable(body)
+    assert not any(layer.mlp._forward_hooks or layer.mlp._forward_pre_hooks for layer in layers)
 
 
 def test_an_error_without_skipping_reaches_the_caller():
     body, layers = _stack(_BrokenMLP)
-    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     with pytest.raises(ValueError, match="broken block"):
-        skip_rows.run_with_rows(body, keep, keep, lambda: layers[0](torch.randn(2, 5, 8)))
+        skip_rows.run_with_rows(body, _KEEP, _KEEP, lambda: layers[0](torch.randn(2, 5, 8)))
     assert not any(layer.mlp._forward_hooks or layer.mlp._forward_pre_hooks for layer in layers)
 
 
