@@ -178,6 +178,7 @@ def test_an_error_without_skipping_reaches_the_caller():
     with pytest.raises(ValueError, match="broken block"):
         skip_rows.run_with_rows(body, _KEEP, _KEEP, lambda: layers[0](torch.randn(2, 5, 8)))
     assert not any(layer.mlp._forward_hooks or layer.mlp._forward_pre_hooks for layer in layers)
+    assert skip_rows.usable(body)  # not skipping's fault: it stays on for the next call
 
 
 def test_not_used_under_gradient_checkpointing(monkeypatch):

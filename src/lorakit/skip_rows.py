@@ -143,5 +143,6 @@ def run_with_rows(body: nn.Module, keep: torch.Tensor, last_keep: torch.Tensor, 
     except Exception:
         if not hooked:
             raise
+    result = fn()  # fails again (the caller's error, raised as is) unless skipping was the cause
     _UNSUPPORTED.add(body)
-    return fn()
+    return result
