@@ -27,25 +27,30 @@ def _deltas(model, name: str, lorakit: bool) -> dict[str, torch.Tensor]:
                 out[path.removeprefix("model.")] = (B.float() @ A.float()) * m.scaling[name]
         else:
             from peft.tuners.lora import LoraLayer as PeftLayer
-            if isinstance(m, PeftLayer) and name in m.lora_A:
-                A, B = m.lora_A[name].weight, m.lora_B[name].weight
+            if isinstance(m, PeftLayer) and (name in m.lora_A or name in m.lora_embedding_A):
+                if name in m.lora_A:
+                    A, B = m.lora_A[name].weight, m.lora_B[name].weight
+                else:
+                    A, B = m.lora_embedding_A[name], m.lora_embedding_B[name]
                 out[path.removeprefix("base_model.model.")] = (B.float() @ A.float()) * m.scaling[name]
     return out
 
 
 def _pair(family: str, ranks=(4, 4), targets=(("q_proj", "v_proj"), ("q_proj", "v_proj"))):
-    """lorakit and peft models holding the same two adapters 'a' and 'b' (random B, so both change outputs)."""
+    """lorakit and peft models holding the same two adapters 'a' and 'b' (random A and B on both sides)."""
     base = build(family)
     theirs_base = copy.deepcopy(base)
+    extra = {"fan_in_fan_out": True} if family == "gpt2" else {}  # Conv1D: peft wants it said
     ours = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=ranks[0], lora_alpha=8,
                                            target_modules=list(targets[0])), adapter_name="a")
     ours.add_adapter("b", LoraConfig(task_type="CAUSAL_LM", r=ranks[1], lora_alpha=16, target_modules=list(targets[1])))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(theirs_base, peft.LoraConfig(task_type="CAUSAL_LM", r=ranks[0], lora_alpha=8,
-                                                                  target_modules=list(targets[0])), adapter_name="a")
+                                                                  target_modules=list(targets[0]), **extra),
+                                     adapter_name="a")
         theirs.add_adapter("b", peft.LoraConfig(task_type="CAUSAL_LM", r=ranks[1], lora_alpha=16,
-                                                target_modules=list(targets[1])))
+                                                target_modules=list(targets[1]), **extra))
     g = torch.Generator().manual_seed(7)
     ours_params = dict(ours.named_parameters())
     with torch.no_grad():
@@ -66,8 +71,10 @@ def _check_same(ours, theirs, name):
 
 
 @pytest.mark.parametrize("kind", ["cat", "svd", "linear"])
-def test_combined_adapter_matches_peft(kind):
-    ours, theirs = _pair("llama")
+@pytest.mark.parametrize("family,targets", [("llama", ("q_proj", "v_proj")),
+                                            ("gpt2", ("c_attn", "wte"))])  # Conv1D and an embedding
+def test_combined_adapter_matches_peft(kind, family, targets):
+    ours, theirs = _pair(family, targets=(targets, targets))
     _check_same(ours, theirs, "a"), _check_same(ours, theirs, "b")  # the same sources on both sides
     ours.add_weighted_adapter(["a", "b"], [0.7, -0.4], "mix", combination_type=kind)
     theirs.add_weighted_adapter(["a", "b"], [0.7, -0.4], "mix", combination_type=kind)
