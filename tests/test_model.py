@@ -417,3 +417,22 @@ def test_set_adapter_and_loading_take_peft_arguments(tmp_path):
     with pytest.raises(AttributeError, match="'LoraModel' object has no attribute 'nope' .*LlamaForCausalLM"):
         pm.nope
     assert not hasattr(pm, "nope")
+
+
+def test_set_requires_grad_switches_named_adapters_only():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+
+    def trains(name):
+        return {p.requires_grad for p in model.adapter_parameters(name)}
+
+    assert trains("default") == {True} and trains("other") == {False}
+    model.set_requires_grad("other")
+    assert trains("default") == {True} and trains("other") == {True}  # both train now
+    model.set_requires_grad(["default"], requires_grad=False)
+    assert trains("default") == {False} and trains("other") == {True}
+    with pytest.raises(LoraError, match="no adapter named 'nope'"):
+        model.set_requires_grad(["other", "nope"], False)
+    assert trains("other") == {True}  # refused before anything changed
+    model.set_adapter("default")
+    assert trains("default") == {True} and trains("other") == {False}

@@ -319,6 +319,17 @@ class LoraModel(nn.Module):
                         params.append(b)
         return params
 
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Switch training on (or off) for the named adapters' parameters, leaving the others as they are
+        (peft's method: several adapters can train at once). ``set_adapter`` resets it to the active one."""
+        self._check_live()
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._require(name)
+        for name in names:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(bool(requires_grad))
+
     def _switchable(self) -> list:
         """Every module whose adapters can be switched off: LoRA layers and modules_to_save wrappers."""
         return [l for _, l in self.lora_layers()] + [w for _, w in self._saved_wrappers()]
