@@ -540,6 +540,18 @@ class LoraModel(nn.Module):
                 trainable += n
         return trainable, total
 
+    def get_layer_status(self) -> list:
+        """Per adapter layer: enabled, active / merged / available adapters, requires_grad, devices (peft's fields)."""
+        from .status import layer_status
+
+        return layer_status(self.model)
+
+    def get_model_status(self):
+        """The layers' status folded into one, ``"irregular"`` where they disagree (peft's ``get_model_status``)."""
+        from .status import model_status
+
+        return model_status(self)
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
