@@ -9,6 +9,7 @@ accumulation gives the same gradient as one big batch regardless of how the toke
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.loss import LossComputer, count_label_tokens
 from lorakit.train.metrics import MetricsLog, plot_loss
 from lorakit.train.schedule import make_scheduler, warmup_steps
-from lorakit.train.state import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from lorakit.train.state import checkpoint_dir, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 
 
 def move(batch: dict, device: torch.device) -> dict:
@@ -46,8 +47,9 @@ class TrainResult:
     fast_loss: bool = True
 
 
-def total_steps(cfg: TrainConfig, n_batches: int) -> int:
-    per_epoch = math.ceil(n_batches / cfg.train.grad_accum)
+def total_steps(cfg: TrainConfig, n_batches: int, world: int = 1) -> int:
+    """Optimizer steps of the run: each takes ``grad_accum`` batches on each of ``world`` processes."""
+    per_epoch = math.ceil(n_batches / (cfg.train.grad_accum * world))
     if cfg.train.max_steps:
         return cfg.train.max_steps
     return max(1, math.ceil(cfg.train.epochs * per_epoch))
@@ -79,15 +81,19 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
     from tqdm.auto import tqdm
 
     out = Path(output_dir or cfg.output.dir)
-    if resume is None:
-        clear_for_new_run(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
     if not train_examples:
         raise TrainingError("no training examples; check data.train and the template's columns")
     tc = cfg.train
     use_cpu = tc.cpu or not torch.cuda.is_available()
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=tc.mixed_precision)
     device = accelerator.device
+    # data parallel (accelerate launch --num_processes N): each optimizer step takes grad_accum batches on
+    # every process; the main process alone writes files
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if resume is None:
+        clear_for_new_run(out, overwrite, remove=main)
+        accelerator.wait_for_everyone()
+    out.mkdir(parents=True, exist_ok=True)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -99,9 +105,10 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
 
     lengths = [len(e["input_ids"]) for e in train_examples]
     n_batches = math.ceil(len(train_examples) / tc.batch_size)
-    total = total_steps(cfg, n_batches)
+    total = total_steps(cfg, n_batches, world)
     scheduler = make_scheduler(optimizer, total, warmup_steps(total, tc.warmup_steps, tc.warmup_ratio), tc.scheduler)
-    loss_fn = LossComputer(raw_model, fast=tc.fast_loss)
+    # several processes: the loss goes through the DDP wrapper's forward (its gradient all-reduce needs it)
+    loss_fn = LossComputer(raw_model if world == 1 else model, fast=tc.fast_loss)
 
     step, epoch, pos, order, tokens_seen, elapsed_before = 0, 0, 0, None, 0, 0.0
     last_good: Optional[Path] = None
@@ -120,8 +127,9 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
         last_good = ckpt
         print_fn(f"resumed from {ckpt} at step {step}/{total}")
     else:
-        torch.manual_seed(tc.seed)  # dropout stream; the data order has its own generator
-    log = MetricsLog(out, tensorboard=cfg.output.tensorboard, resume_step=step if resume is not None else None)
+        torch.manual_seed(tc.seed + rank)  # dropout stream; the data order has its own generator
+    log = (MetricsLog(out, tensorboard=cfg.output.tensorboard, resume_step=step if resume is not None else None)
+           if main else _NoLog())
 
     def evaluate() -> dict:
         metrics: dict = {}
@@ -142,7 +150,15 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
                 "config": cfg.to_dict()}
 
     model.train()
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not tc.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not (tc.progress and main),
+               dynamic_ncols=True)
+
+    def checkpoint() -> Path:
+        """The checkpoint of this step, written by the main process; every process gets its folder."""
+        if main:
+            save_checkpoint(out, step, raw_model, optimizer, scheduler, trainer_state(), cfg.output.keep_last)
+        accelerator.wait_for_everyone()
+        return checkpoint_dir(out, step)
     t0 = time.time()
     run_tokens = 0
     last_loss: Optional[float] = None
@@ -157,28 +173,41 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
                 if order is not None:
                     epoch += 1
                 order, pos = epoch_order(lengths, tc.batch_size, tc.seed, epoch, cfg.data.sort_by_length), 0
-            group = order[pos:pos + tc.grad_accum]
+            group = order[pos:pos + tc.grad_accum * world]
             pos += len(group)
             pending = len(group)
-            batches = [move(collate([train_examples[i] for i in idx]), device) for idx in group]
-            n_tok = sum(count_label_tokens(b["labels"]) for b in batches)
+            batches = [move(collate([train_examples[i] for i in idx]), device) for idx in group[rank::world]]
+            # nothing to learn from a micro-batch whose rows are all prompt or padding
+            passes = [b for b in batches if count_label_tokens(b["labels"])]
+            n_tok = sum(count_label_tokens(b["labels"]) for b in passes)
+            if world > 1:  # the step's loss is the mean over every process's answer tokens
+                n_tok = int(accelerator.reduce(torch.tensor(n_tok, device=device), "sum"))
             if n_tok == 0:
                 empty_groups += 1
                 if empty_groups > n_batches:
                     raise TrainingError("no example has any answer token to learn from (all labels are -100); "
                                         "check the template and data.max_length")
                 continue
+            weights = [1.0] * len(passes)
+            if world > 1 and not passes:  # every process takes part in the step's one gradient all-reduce
+                spare = next(idx for idx in group if any(count_label_tokens(torch.tensor(
+                    [train_examples[i]["labels"]])) for i in idx))
+                passes, weights = [move(collate([train_examples[i] for i in spare]), device)], [0.0]
             step_loss = torch.zeros((), device=device)
-            for b in batches:
-                if count_label_tokens(b["labels"]) == 0:
-                    continue  # nothing to learn from this micro-batch (its rows are all prompt or padding)
-                with accelerator.autocast():
-                    loss = loss_fn(b) / n_tok
-                if not torch.isfinite(loss):
-                    raise _nan_error(step + 1, f"loss became {float(loss.detach())}", last_good, cfg)
-                accelerator.backward(loss)
-                step_loss += loss.detach()
-                run_tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            for k, (b, weight) in enumerate(zip(passes, weights)):
+                # DDP averages gradients over processes: scale by world so the step sees the global mean
+                sync = accelerator.no_sync(model) if world > 1 and k < len(passes) - 1 else contextlib.nullcontext()
+                with sync:
+                    with accelerator.autocast():
+                        loss = loss_fn(b) / n_tok * (world * weight)
+                    if not torch.isfinite(loss):
+                        raise _nan_error(step + 1, f"loss became {float(loss.detach())}", last_good, cfg)
+                    accelerator.backward(loss)
+                if weight:
+                    step_loss += loss.detach() / world
+                    run_tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            if world > 1:
+                step_loss = accelerator.reduce(step_loss, "sum")
             if tc.max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
             else:
@@ -208,8 +237,7 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
                     log.log({"step": step, **last_eval}, prefix="eval/")
                     bar.write(_format_eval(step, last_eval))
             if cfg.output.save_every and step % cfg.output.save_every == 0:
-                last_good = save_checkpoint(out, step, raw_model, optimizer, scheduler, trainer_state(),
-                                            cfg.output.keep_last)
+                last_good = checkpoint()
                 saved_at = step
         bar.close()
         train_seconds = elapsed_before + time.time() - t0
@@ -218,11 +246,10 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
             if last_eval:
                 log.log({"step": step, **last_eval}, prefix="eval/")
         if saved_at != step:  # the end of the run is always resumable-from (save_every None: only here)
-            last_good = save_checkpoint(out, step, raw_model, optimizer, scheduler, trainer_state(),
-                                        cfg.output.keep_last)
+            last_good = checkpoint()
     except KeyboardInterrupt:
         # Ctrl-C: keep what the finished steps learnt, resumable; the interrupted group is trained again
-        if step > 0 and saved_at != step and not updating:
+        if step > 0 and saved_at != step and not updating and main:
             pos -= pending
             optimizer.zero_grad(set_to_none=True)
             ckpt = save_checkpoint(out, step, raw_model, optimizer, scheduler, trainer_state(), cfg.output.keep_last)
@@ -235,8 +262,11 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
     adapter_dir = None
     if hasattr(raw_model, "lora_state_dict") and hasattr(raw_model, "save_pretrained"):
         adapter_dir = out / "adapter"
-        raw_model.save_pretrained(adapter_dir)
-    plot = plot_loss(log.path, out / "loss.png", title=cfg.description) if cfg.output.plot else None
+        if main:
+            raw_model.save_pretrained(adapter_dir)
+    plot = (plot_loss(log.path, out / "loss.png", title=cfg.description) if main else out / "loss.png") \
+        if cfg.output.plot else None
+    accelerator.wait_for_everyone()
     return TrainResult(output_dir=out, steps=step, final_loss=last_loss, eval=last_eval,
                        checkpoint=last_good or (list_checkpoints(out) or [None])[-1], adapter_dir=adapter_dir,
                        loss_plot=plot, tokens=tokens_seen + run_tokens, seconds=train_seconds,
@@ -247,8 +277,11 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
 RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "tb", "merged")
 
 
-def clear_for_new_run(out: Path, overwrite: bool) -> None:
-    """Refuse (or with ``overwrite`` remove) another run's outputs in ``out`` before a fresh run."""
+def clear_for_new_run(out: Path, overwrite: bool, remove: bool = True) -> None:
+    """Refuse (or with ``overwrite`` remove) another run's outputs in ``out`` before a fresh run.
+
+    ``remove=False``: check only (the processes of a data-parallel run other than the main one).
+    """
     import shutil
 
     found = [name for name in RUN_OUTPUTS if (out / name).exists()]
@@ -258,9 +291,32 @@ def clear_for_new_run(out: Path, overwrite: bool) -> None:
         raise TrainingError(
             f"output folder {out} already holds a run ({', '.join(found)}). Continue it with --resume, replace it "
             f"with --overwrite, or write elsewhere (--output-dir DIR / --set output.dir=DIR).")
-    for name in found:
+    for name in found if remove else ():
         path = out / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def is_main_process() -> bool:
+    """Is this the main process of a (possibly) data-parallel run? From the launcher's environment, so it
+    can be asked before an Accelerator exists (accelerate / torchrun set RANK; MPI launchers their own)."""
+    import os
+
+    for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        if os.environ.get(var, "").strip().isdigit():
+            return int(os.environ[var]) == 0
+    return True
+
+
+class _NoLog:
+    """The metrics log of a process that writes nothing (not the main one of a data-parallel run)."""
+
+    path = None
+
+    def log(self, record: dict, prefix: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _format_eval(step: int, metrics: dict) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from lorakit.errors import ConfigError, DataError
 from lorakit.train.config import TrainConfig
-from lorakit.train.loop import TrainResult, clear_for_new_run, train_loop
+from lorakit.train.loop import TrainResult, clear_for_new_run, is_main_process, train_loop
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -195,11 +195,13 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, output_dir: str
     from lorakit.train.recipe import dump_recipe
 
     out = Path(output_dir or cfg.output.dir)
+    main = is_main_process()  # data-parallel runs: only the main process writes files
     if resume is None:
-        clear_for_new_run(out, overwrite)  # before the model loads: a refused run costs nothing
+        clear_for_new_run(out, overwrite, remove=main)  # before the model loads: a refused run costs nothing
     setup = setup or prepare(cfg, print_fn=print_fn)
     out.mkdir(parents=True, exist_ok=True)
-    dump_recipe(cfg, out / "recipe.yaml")
+    if main:
+        dump_recipe(cfg, out / "recipe.yaml")
     for note in setup.notes:
         print_fn(note)
     trainable, total = setup.model.get_nb_trainable_parameters()
@@ -210,6 +212,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, output_dir: str
     result = train_loop(setup.model, setup.train_data.examples, setup.collator, cfg, out,
                         eval_examples=setup.eval_data.examples if setup.eval_data is not None else None,
                         extra_eval=extra, resume=resume, print_fn=print_fn)
+    if not main:
+        return RunOutputs(result=result, setup=setup, report=extra.last_report if extra is not None else None)
     setup.tokenizer.save_pretrained(result.adapter_dir or out)
     merged_dir = None
     if cfg.output.merge:

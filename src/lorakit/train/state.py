@@ -68,6 +68,11 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------- save / load
 
 
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """The folder of the checkpoint for ``step``."""
+    return checkpoint_root(output_dir) / f"{STEP_PREFIX}{step:06d}"
+
+
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                     trainer_state: dict, keep_last: int = 0) -> Path:
     """Write the checkpoint for ``step`` atomically; returns its folder."""
@@ -75,7 +80,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, o
 
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{STEP_PREFIX}{step:06d}"
+    final = checkpoint_dir(output_dir, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
