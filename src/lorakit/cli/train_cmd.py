@@ -60,11 +60,15 @@ def run(args: argparse.Namespace) -> int:
     # before the model load: where the outputs go, and what the model name points at
     check_output_dir(cfg.output.dir, "--output-dir" if args.output_dir else "output.dir")
     check_model_source(cfg.model.name, "model.name")
+    from lorakit.train.loop import is_main_process
     from lorakit.train.run import train
 
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite starts a new run and --resume continues one: pass only one of them")
-    outputs = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    main = is_main_process()  # a data-parallel run: the other processes train quietly
+    outputs = train(cfg, resume=args.resume, overwrite=args.overwrite, print_fn=print if main else _quiet)
+    if not main:
+        return 0
     res = outputs.result
     loss = f"{res.final_loss:.4f}" if res.final_loss is not None else "n/a"
     print(f"done: {res.steps} steps, final loss {loss}, {res.tokens:,d} tokens in {res.seconds:.0f}s")
@@ -81,3 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if res.loss_plot:
         print(f"loss plot:   {res.loss_plot}")
     return 0
+
+
+def _quiet(_: str) -> None:
+    """print_fn of the processes other than the main one in a data-parallel run."""
