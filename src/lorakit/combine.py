@@ -19,6 +19,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from .errors import LoraError
 
@@ -32,11 +33,10 @@ PEFT_ONLY = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "d
 
 
 def lora_pair(layer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [r, in], B [out, r]) parameters of adapter ``name`` in ``layer`` (linear or embedding)."""
-    lora_a = getattr(layer, "lora_A", None)
-    if lora_a is not None and name in lora_a:
-        return lora_a[name].weight, layer.lora_B[name].weight
-    return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    """(A [r, in], B [out, r]) parameters of adapter ``name`` in ``layer`` (its ``adapter_containers``:
+    lora_A / lora_B modules for linear layers, lora_embedding_A / _B parameters for embeddings)."""
+    a, b = (getattr(layer, container)[name] for container in layer.adapter_containers)
+    return tuple(t.weight if isinstance(t, nn.Module) else t for t in (a, b))
 
 
 def combined_pair(layer, sources: Sequence[str], weights: Sequence[float], kind: str, rank: int, *,

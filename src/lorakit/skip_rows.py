@@ -42,23 +42,41 @@ class _NotOneTensor(Exception):
     """A feed-forward block returned something the scatter cannot put back (a tuple, router logits)."""
 
 
+#: body -> (its decoder stack, the feed-forward attribute name): found once, not by a walk every step
+_STACKS: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.ModuleList, str] | None]" = weakref.WeakKeyDictionary()
+
+
+def _find_stack(body: nn.Module) -> Optional[tuple[nn.ModuleList, str]]:
+    best: Optional[tuple[nn.ModuleList, str]] = None
+    for mod in body.modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or len({type(m) for m in mod}) != 1:
+            continue
+        for name in FEED_FORWARD_NAMES:
+            if all(isinstance(getattr(layer, name, None), nn.Module) for layer in mod):
+                if best is None or len(mod) > len(best[0]):
+                    best = (mod, name)
+                break
+    return best
+
+
+def _stack(body: nn.Module) -> Optional[tuple[nn.ModuleList, str]]:
+    """The decoder stack (cached per body; looked for again if its layers lost their blocks)."""
+    if body in _STACKS:
+        found = _STACKS[body]
+        if found is None or all(isinstance(getattr(layer, found[1], None), nn.Module) for layer in found[0]):
+            return found
+    found = _STACKS[body] = _find_stack(body)
+    return found
+
+
 def feed_forward_blocks(body: nn.Module) -> Optional[list[nn.Module]]:
     """Each decoder layer's feed-forward block, first layer first, or None when the body has no such stack.
 
     The stack is the longest ``nn.ModuleList`` of one layer class whose layers all have a block
     under one of ``FEED_FORWARD_NAMES``.
     """
-    best: Optional[list[nn.Module]] = None
-    for mod in body.modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or len({type(m) for m in mod}) != 1:
-            continue
-        for name in FEED_FORWARD_NAMES:
-            blocks = [getattr(layer, name, None) for layer in mod]
-            if all(isinstance(b, nn.Module) for b in blocks):
-                if best is None or len(blocks) > len(best):
-                    best = blocks
-                break
-    return best
+    found = _stack(body)
+    return None if found is None else [getattr(layer, found[1]) for layer in found[0]]
 
 
 def usable(body: nn.Module) -> bool:
@@ -67,10 +85,12 @@ def usable(body: nn.Module) -> bool:
 
 
 def _checkpointing(body: nn.Module) -> bool:
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 renamed it
-        if isinstance(getattr(type(body), name, None), property):
-            return bool(getattr(body, name))
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in body.modules())
+    """Is activation checkpointing on? transformers marks the body and its decoder layers
+    (``gradient_checkpointing = True``): checking those spares a walk over every module each step."""
+    found = _stack(body)
+    layers = found[0] if found is not None else body.modules()
+    return getattr(body, "gradient_checkpointing", False) is True or any(
+        getattr(m, "gradient_checkpointing", False) is True for m in layers)
 
 
 @contextlib.contextmanager

@@ -94,9 +94,11 @@ def model_status(lora_model) -> ModelStatus:
     layers = layer_status(lora_model.model)
     lora_only = [s for s in layers if s.module_type != "lora.ModulesToSave"] or layers
 
-    def agreed(values: list):
-        first = values[0] if values else []
-        return first if all(v == first for v in values) else "irregular"
+    def agreed(values: list, empty=None):
+        """The value every layer has, ``"irregular"`` when they differ (``empty`` without layers)."""
+        if not values:
+            return empty
+        return values[0] if all(v == values[0] for v in values) else "irregular"
 
     requires_grad: dict[str, list] = {}
     devices: dict[str, set] = {}
@@ -106,17 +108,15 @@ def model_status(lora_model) -> ModelStatus:
         for n, devs in s.devices.items():
             devices.setdefault(n, set()).update(devs)
     trainable, total = lora_model.get_nb_trainable_parameters()
-    backends = sorted({str(s.quantization_backend) for s in lora_only})
     return ModelStatus(
         base_model_type=type(lora_model.model).__name__, adapter_model_type=type(lora_model).__name__,
         peft_types={n: "LORA" for n in lora_model.peft_config}, trainable_params=trainable, total_params=total,
         num_adapter_layers=len(layers),
-        enabled=agreed([s.enabled for s in lora_only]) if lora_only else True,
-        active_adapters=agreed([s.active_adapters for s in lora_only]),
-        merged_adapters=agreed([s.merged_adapters for s in lora_only]),
-        requires_grad={n: (flags[0] if all(f == flags[0] for f in flags) else "irregular")
-                       for n, flags in requires_grad.items()},
+        enabled=agreed([s.enabled for s in lora_only], True),
+        active_adapters=agreed([s.active_adapters for s in lora_only], []),
+        merged_adapters=agreed([s.merged_adapters for s in lora_only], []),
+        requires_grad={n: agreed(flags) for n, flags in requires_grad.items()},
         available_adapters=sorted(lora_model.peft_config),
         devices={n: sorted(d) for n, d in devices.items()},
-        quantization_backend=(None if backends == ["None"] else backends[0] if len(backends) == 1 else "irregular"),
+        quantization_backend=agreed([s.quantization_backend for s in lora_only]),
     )

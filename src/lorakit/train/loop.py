@@ -22,7 +22,7 @@ from lorakit.errors import TrainingError
 from lorakit.eval.loss import heldout_loss
 from lorakit.train.batches import epoch_order
 from lorakit.train.config import TrainConfig
-from lorakit.train.loss import LossComputer, count_label_tokens
+from lorakit.train.loss import IGNORE_INDEX, LossComputer, count_label_tokens
 from lorakit.train.metrics import MetricsLog, plot_loss
 from lorakit.train.schedule import make_scheduler, warmup_steps
 from lorakit.train.state import checkpoint_dir, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
@@ -190,8 +190,8 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
                 continue
             weights = [1.0] * len(passes)
             if world > 1 and not passes:  # every process takes part in the step's one gradient all-reduce
-                spare = next(idx for idx in group if any(count_label_tokens(torch.tensor(
-                    [train_examples[i]["labels"]])) for i in idx))
+                spare = next(idx for idx in group
+                             if any(t != IGNORE_INDEX for i in idx for t in train_examples[i]["labels"][1:]))
                 passes, weights = [move(collate([train_examples[i] for i in spare]), device)], [0.0]
             step_loss = torch.zeros((), device=device)
             for k, (b, weight) in enumerate(zip(passes, weights)):
