@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import lora_add, lora_delta
+from . import fusion
 from .base import LoraLayer
 from .routing import BASE
 
@@ -27,6 +28,18 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self._fuse = fusion.FuseState()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # training on the CPU: layers reading one input run as one node (layers/fusion.py) when they can
+        if not args and not kwargs:
+            if fusion.eligible(x):
+                out = fusion.fused_forward(self, x)
+                if out is not None:
+                    return out
+            elif fusion.learnable(x):
+                fusion.observe(self, x)
+        return super().forward(x, *args, **kwargs)
 
     def _create(self, name: str, r: int, init, device: torch.device, dtype: torch.dtype) -> None:
         A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)

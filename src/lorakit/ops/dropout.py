@@ -80,6 +80,7 @@ class SharedDropout(nn.Module):
             raise ValueError(f"dropout probability must lie in [0, 1], got {p}; set lora_dropout in [0, 1)")
         self.p = p
         self._key: tuple | None = None
+        self._keep: torch.Tensor | None = None
         self._dropped: torch.Tensor | None = None
         self._exclusive: list = [False]
 
@@ -101,19 +102,30 @@ class SharedDropout(nn.Module):
         """
         if not self.active:
             return x, 1.0
-        key = self._key
-        if (key is not None and key[0]() is x and key[1] == x._version
-                and key[2] == torch.is_grad_enabled()):
+        keep = self.keep_for(x)
+        if self._dropped is not None:
             if not fresh_grads:
                 self._exclusive[0] = False
             return self._dropped, self.scale
-        seed = torch_seed("cpu")
-        keep = torch.from_numpy(draw_keep_mask(x.numel(), self.p, seed).reshape(x.shape))
         exclusive = [fresh_grads]
-        dropped = _ApplyKeep.apply(x, keep, exclusive)
+        self._dropped, self._exclusive = _ApplyKeep.apply(x, keep, exclusive), exclusive
+        return self._dropped, self.scale
+
+    def keep_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The bool keep mask of ``x`` (x's shape, on the CPU), the same while ``x`` is the same tensor.
+
+        ``drop(x)`` applies this mask; fused kernels (``ops.siblings``) that apply it themselves take
+        it from here, so every consumer of one input sees one mask however its product is computed.
+        """
+        key = self._key
+        if (key is not None and key[0]() is x and key[1] == x._version
+                and key[2] == torch.is_grad_enabled()):
+            return self._keep
+        seed = torch_seed("cpu")
+        self._keep = torch.from_numpy(draw_keep_mask(x.numel(), self.p, seed).reshape(x.shape))
         self._key = (weakref.ref(x), x._version, torch.is_grad_enabled())
-        self._dropped, self._exclusive = dropped, exclusive
-        return dropped, self.scale
+        self._dropped, self._exclusive = None, [False]
+        return self._keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # dropped * scale makes a new gradient in backward; dropped itself is handed out only unscaled
@@ -122,14 +134,14 @@ class SharedDropout(nn.Module):
 
     def clear(self) -> None:
         """Forget the cached mask (it is also replaced by the next new input)."""
-        self._key, self._dropped, self._exclusive = None, None, [False]
+        self._key, self._keep, self._dropped, self._exclusive = None, None, None, [False]
 
     def __getstate__(self) -> dict:
         # the cache (a weak reference and a non-leaf activation with its graph) is per forward pass: copies
         # and pickles (copy.deepcopy, torch.save(model), a TRL reference model) start without it
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
-        state.update(_key=None, _dropped=None, _exclusive=[False])
+        state.update(_key=None, _keep=None, _dropped=None, _exclusive=[False])
         return state
 
     def extra_repr(self) -> str:
