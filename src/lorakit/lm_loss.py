@@ -24,7 +24,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .ops import linear_cross_entropy
-from .skip_rows import run_with_rows
+from .ops.frozen_linear import frozen_linears
+from .skip_rows import checkpointing, run_with_rows
 
 __all__ = ["IGNORE_INDEX", "FusedLossOutput", "LossComputer", "body_hidden", "check_fast_loss", "count_label_tokens",
            "fast_loss_sum", "fast_path_parts", "fused_output", "hf_loss_sum", "labelled_loss_sum", "unwrap_hf"]
@@ -170,7 +171,10 @@ def body_hidden(body: nn.Module, batch: dict[str, Any], drop_last: bool = True) 
     """
     cut = (lambda t: t[..., :-1]) if drop_last else (lambda t: t)
     extra = {k: cut(batch[k]) for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
-    out = body(input_ids=cut(batch["input_ids"]), use_cache=False, **extra)
+    # training: the frozen linears' products through oneDNN (ops.frozen_linear); not under activation
+    # checkpointing, whose recomputation runs outside this call
+    with frozen_linears(torch.is_grad_enabled() and not checkpointing(body)):
+        out = body(input_ids=cut(batch["input_ids"]), use_cache=False, **extra)
     return out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
 
 

@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-__all__ = ["feed_forward_blocks", "feed_forward_rows", "run_with_rows", "usable"]
+__all__ = ["checkpointing", "feed_forward_blocks", "feed_forward_rows", "run_with_rows", "usable"]
 
 #: the attribute names decoder layers give their feed-forward block across transformers' models
 FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn")
@@ -81,10 +81,10 @@ def feed_forward_blocks(body: nn.Module) -> Optional[list[nn.Module]]:
 
 def usable(body: nn.Module) -> bool:
     """May ``feed_forward_rows`` be used on this body now?"""
-    return body not in _UNSUPPORTED and not _checkpointing(body)
+    return body not in _UNSUPPORTED and not checkpointing(body)
 
 
-def _checkpointing(body: nn.Module) -> bool:
+def checkpointing(body: nn.Module) -> bool:
     """Is activation checkpointing on? transformers marks the body and its decoder layers
     (``gradient_checkpointing = True``): checking those spares a walk over every module each step."""
     found = _stack(body)

@@ -5,7 +5,7 @@ LoRA A_k [r_k, in], B_k [out_k, r_k], factor f_k (scaling and the 1/(1-p) of dro
 dropout keep mask m shared by all of them:
 
     h_k  = f_k (x * m) @ A_k.T
-    y_k  = x @ W_k.T + b_k + h_k @ B_k.T        (the per-module path's products, bit for bit)
+    y_k  = x @ W_k.T + b_k + h_k @ B_k.T        (x @ W_k.T through oneDNN: ops.frozen_linear)
 
 Backward forms the input gradient in one buffer instead of 2n tensors that autograd adds up:
 
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .frozen_linear import add_linear_t, base_linear
+
 __all__ = ["sibling_linear"]
 
 
@@ -38,7 +40,7 @@ class _SiblingLinear(torch.autograd.Function):
             h = F.linear(xd, As[k])
             if factors[k] != 1.0:
                 h.mul_(factors[k])
-            y = F.linear(x2, Ws[k], bs[k])
+            y = base_linear(x2, Ws[k], bs[k])
             y.addmm_(h, Bs[k].t())
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
             hs.append(h)
@@ -86,7 +88,7 @@ class _SiblingLinear(torch.autograd.Function):
                     keep = torch.from_numpy(np.unpackbits(ctx.packed, count=grad_x.numel())).view(grad_x.shape)
                     grad_x.mul_(keep)
                 for k in live:
-                    grad_x.addmm_(gs[k], Ws[k])
+                    grad_x = add_linear_t(grad_x, gs[k], Ws[k])
                 grad_x = grad_x.view(ctx.x_shape)
         return (grad_x, None, None, None, *([None] * (2 * n)), *grad_A, *grad_B)
 
