@@ -102,8 +102,9 @@ def test_one_pass_is_used_for_few_rows_and_not_for_a_trainable_head(monkeypatch)
     from lorakit.ops import cross_entropy
 
     calls = []
-    real = cross_entropy._one_pass
-    monkeypatch.setattr(cross_entropy, "_one_pass", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for name in ("_one_pass", "_one_pass_onednn"):  # the second where oneDNN is usable (ops.frozen_linear)
+        real = getattr(cross_entropy, name)
+        monkeypatch.setattr(cross_entropy, name, lambda *a, real=real: calls.append(a[0].shape[0]) or real(*a))
     hidden, weight, _, targets = _data(n=5, dtype=torch.float32)
     linear_cross_entropy(hidden, weight, targets).backward()
     assert calls == [5]
@@ -118,6 +119,23 @@ def test_one_pass_is_used_for_few_rows_and_not_for_a_trainable_head(monkeypatch)
     torch.testing.assert_close(torch.autograd.grad(out, hidden)[0], torch.autograd.grad(ref, hidden)[0],
                                rtol=1e-4, atol=1e-5)
     assert calls == [5, 4, 4, 3]
+
+
+@pytest.mark.parametrize("n", [3, 40])
+def test_one_pass_layouts_agree(n):
+    """The oneDNN row-major one-pass and MKL's block-major one agree (and with the plain loss)."""
+    from lorakit.ops import cross_entropy, frozen_linear
+
+    hidden, weight, bias, targets = _data(n=n, dtype=torch.float32, bias=True)
+    hidden = hidden.detach()  # the kernels run inside the loss's autograd node, on plain tensors
+    for b in (None, bias):
+        t1, g1 = cross_entropy._one_pass(hidden, weight, b, targets, True, 16)
+        t2, g2 = cross_entropy._one_pass_onednn(hidden, weight, b, targets, True, 16)
+        ref = F.cross_entropy(F.linear(hidden, weight, b), targets, reduction="sum")
+        torch.testing.assert_close(t1, ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(t2, ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+    assert frozen_linear.usable(hidden, weight) == frozen_linear.available()
 
 
 def test_one_pass_with_a_vocabulary_block_masked_to_minus_infinity(monkeypatch):

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["available", "base_linear", "add_linear_t", "frozen_linears", "enabled"]
+__all__ = ["available", "base_linear", "add_linear_t", "frozen_linears", "usable", "enabled"]
 
 #: set False to run every frozen product through torch's own F.linear / mm (MKL)
 enabled = True
@@ -62,7 +62,8 @@ def _self_test() -> bool:
         return False
 
 
-def _fits(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> bool:
+def usable(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> bool:
+    """Would ``x @ W.T + b`` run through oneDNN here (float32 CPU tensors, no autocast, oneDNN usable)?"""
     return (x.dtype == torch.float32 and W.dtype == torch.float32 and x.device.type == "cpu"
             and W.device.type == "cpu" and W.dim() == 2 and x.dim() >= 2 and x.numel() > 0
             and x.shape[-1] == W.shape[1] and not torch.is_autocast_enabled("cpu")
@@ -71,14 +72,14 @@ def _fits(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> bool:
 
 def base_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, W, b)`` without autograd (inside a kernel's forward), through oneDNN when it fits."""
-    if _fits(x, W, b):
+    if usable(x, W, b):
         return _lp(x.contiguous(), W, b, "none", [], "")
     return F.linear(x, W, b)
 
 
 def add_linear_t(acc: torch.Tensor, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``acc + g @ W`` for 2-D ``acc`` [N, in], ``g`` [N, out], ``W`` [out, in]; may reuse ``acc``."""
-    if _fits(g, W.t(), None) and acc.dtype == torch.float32 and acc.is_contiguous():
+    if usable(g, W.t(), None) and acc.dtype == torch.float32 and acc.is_contiguous():
         return _lp.binary(g.contiguous(), acc, W.t(), None, "add")
     return acc.addmm_(g, W)
 
@@ -110,7 +111,7 @@ class _FrozenLinearMode(TorchFunctionMode):
             x, W = args[0], args[1]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if (type(x) is torch.Tensor and _frozen(W) and (b is None or _frozen(b)) and len(kwargs) <= 1
-                    and _fits(x, W, b)):
+                    and usable(x, W, b)):
                 if torch.is_grad_enabled() and x.requires_grad:
                     return _FrozenLinear.apply(x, W, b)
                 return _lp(x.contiguous(), W, b, "none", [], "")
