@@ -127,7 +127,7 @@ def main(argv=None) -> None:
         flops = step_flops(cfg, args.batch, args.seq, targets, args.r)
         peak = common.matmul_peak_flops(args.threads)
         print(f"\nstep matmul FLOPs {flops / 1e9:.1f} GFLOP; fp32 mm peak {peak / 1e9:.1f} GFLOP/s "
-              f"(2048^3 torch.mm, best of 10, {args.threads} threads)")
+              f"(2048^3, the faster of torch.mm and oneDNN, best of 10, {args.threads} threads)")
         for run in runs:
             print(f"{run['name']:24s} {flops / med[run['name']] / 1e9:6.1f} GFLOP/s = "
                   f"{100 * flops / med[run['name']] / peak:.1f}% of peak")
