@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .layers import fusion
 from .ops import linear_cross_entropy
 from .ops.frozen_linear import frozen_linears
 from .skip_rows import checkpointing, run_with_rows
@@ -238,7 +239,9 @@ def check_fast_loss(model: nn.Module, parts: tuple[nn.Module, nn.Module], batch:
             fill = mask[rows].sum(dim=1) if mask is not None and mask.dim() == 2 else torch.zeros_like(rows)
             pick = rows[fill.argmin()].reshape(1)
             batch = {k: (v[pick] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
-        with torch.no_grad():
+        # the check also teaches the LoRA layers which of them read one input (layers.fusion): the
+        # first training step then already runs them as one node
+        with torch.no_grad(), fusion.learning():
             n = max(count_label_tokens(batch["labels"]), 1)
             fast = fast_loss_sum(*parts, batch) / n
             ref = hf_loss_sum(model, batch) / n

@@ -73,7 +73,10 @@ def test_groups_are_learned_without_autograd_so_the_first_step_is_fused():
     m = _model()
     batch = ids(2, 6)
     with torch.no_grad():
-        m.eval()(input_ids=batch)
+        m.eval()(input_ids=batch)  # a plain evaluation teaches nothing (generation pays no bookkeeping)
+    assert m.model.model.layers[0].self_attn.q_proj._fuse.siblings == ()
+    with torch.no_grad(), fusion.learning():  # as the fused loss's first check runs
+        m(input_ids=batch)
     m.train()
     _, _, nodes = _step(m, batch, 0)
     # two layers, each: one q/k/v node, one gate/up node, o and down alone

@@ -16,6 +16,7 @@ expects the same autograd nodes; offloading hooks expect the usual ones): there 
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -26,10 +27,24 @@ from ..ops import SharedDropout
 from ..ops.siblings import sibling_linear
 from .routing import current_rows
 
-__all__ = ["FuseState", "eligible", "enabled", "fused_forward", "learnable", "observe"]
+__all__ = ["FuseState", "eligible", "enabled", "fused_forward", "learnable", "learning", "observe"]
 
 #: set False to run every layer through the per-module path (comparisons, debugging)
 enabled = True
+
+# > 0 while a lorakit check forward runs without autograd (``learning``): only then do such calls teach
+# groups, so generation and evaluation pay one flag test per layer call, nothing more
+_learning = [0]
+
+
+@contextlib.contextmanager
+def learning():
+    """No-grad forwards inside teach the groups (the training loss's first check runs in one)."""
+    _learning[0] += 1
+    try:
+        yield
+    finally:
+        _learning[0] -= 1
 
 _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
@@ -95,10 +110,10 @@ def eligible(x: torch.Tensor) -> bool:
 
 
 def learnable(x: torch.Tensor) -> bool:
-    """A call without autograd (an evaluation, the training loop's first check of its loss) that may
-    teach the groups, so that the first training step already runs fused: a run resumed from a
-    checkpoint then repeats the very products of the run it continues."""
-    return not torch.is_grad_enabled() and _conditions(x)
+    """A call without autograd inside ``learning()`` (the training loss's first check) that may teach
+    the groups, so that the first training step already runs fused: a run resumed from a checkpoint
+    then repeats the very products of the run it continues."""
+    return _learning[0] > 0 and not torch.is_grad_enabled() and _conditions(x)
 
 
 def _conditions(x: torch.Tensor) -> bool:

@@ -33,10 +33,11 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # training on the CPU: layers reading one input run as one node (layers/fusion.py) when they can
         if not args and not kwargs:
-            if fusion.eligible(x):
-                out = fusion.fused_forward(self, x)
-                if out is not None:
-                    return out
+            if torch.is_grad_enabled():
+                if fusion.eligible(x):
+                    out = fusion.fused_forward(self, x)
+                    if out is not None:
+                        return out
             elif fusion.learnable(x):
                 fusion.observe(self, x)
         return super().forward(x, *args, **kwargs)
