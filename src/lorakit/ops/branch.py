@@ -112,15 +112,23 @@ def lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
     """``result + scaling * B(A(dropout(x)))``, written into ``result`` when ``inplace`` allows.
 
     ``inplace`` must be False when something saved ``result`` for backward (only the caller
-    knows: torch's own Linear does not). Without autograd (generation) it is two F.linear calls and
-    an in-place add, the fewest calls per layer; with autograd, matching dtypes and a contiguous
-    result, the ``_AddBranch`` kernel; anything else the generic path.
+    knows: torch's own Linear does not). Without autograd (generation), in place with one dtype, it is
+    one F.linear and one accumulating GEMM with the scale as its alpha, the fewest calls per layer; with
+    autograd, matching dtypes and a contiguous result, the ``_AddBranch`` kernel; anything else the
+    generic path.
     """
     if dropout is not None:
         x, keep_scale = _drop(x, dropout)
         factor = float(scaling) * keep_scale
     else:
         factor = float(scaling)
+    if (not torch.is_grad_enabled() and inplace and x.dtype == A.dtype == B.dtype == result.dtype
+            and result.is_contiguous() and x.shape[:-1] == result.shape[:-1]):
+        # generation: two calls per layer, the scale applied inside the accumulating product (one token
+        # at a time, each op's fixed cost is what counts: ~7% of an unmerged decoding step)
+        h = F.linear(x, A)
+        result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=factor)
+        return result
     if (not torch.is_grad_enabled() or x.dtype != A.dtype or result.dtype != A.dtype
             or x.shape[:-1] != result.shape[:-1] or not (x.requires_grad or A.requires_grad or B.requires_grad)):
         return add_delta(result, lora_delta(x, A, B, factor, None), inplace)
