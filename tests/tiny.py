@@ -55,3 +55,15 @@ def fused_and_own(model, batch):
     out, fused = run()
     ref, own = run(return_logits=True)
     return out, ref, fused, own
+
+
+def graph_nodes(t) -> list[str]:
+    """Class names of every autograd node behind tensor ``t``."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        todo.extend(f for f, _ in fn.next_functions)
+    return [type(fn).__name__ for fn in seen]

@@ -7,7 +7,7 @@ from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.layers import LoraLinear, fusion
-from tiny import ids, randomize_lora, tiny_llama
+from tiny import graph_nodes, ids, randomize_lora, tiny_llama
 
 
 def _model(dropout=0.1, targets="all-linear", **kw):
@@ -20,21 +20,22 @@ def _step(model, batch, seed):
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=batch, labels=batch).loss
-    nodes = sum(type(fn).__name__ == "_SiblingLinearBackward" for fn in _graph(loss))
+    nodes = graph_nodes(loss).count("_SiblingLinearBackward")
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads, nodes
 
 
-def _graph(loss):
-    seen, todo = set(), [loss.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        todo.extend(f for f, _ in fn.next_functions)
-    return seen
+def _pair(*outs):
+    """LoRA linears over frozen nn.Linear(6, out), scaling 2, random (output-changing) B."""
+    torch.manual_seed(0)
+    layers = [LoraLinear(nn.Linear(6, o)) for o in outs]
+    for layer in layers:
+        layer.base_layer.requires_grad_(False)
+        layer.add_adapter("default", 2, 4, 2.0, None, "gaussian")
+        nn.init.normal_(layer.lora_B["default"].weight)
+        layer.set_active(["default"])
+    return layers
 
 
 @pytest.fixture
@@ -85,13 +86,7 @@ def test_groups_are_learned_without_autograd_so_the_first_step_is_fused():
 
 def test_a_wrong_guess_costs_nothing_but_time():
     """A learned sibling called later with another input: the right value, and the group is given up."""
-    torch.manual_seed(0)
-    q, k = LoraLinear(nn.Linear(6, 5)), LoraLinear(nn.Linear(6, 3))
-    for layer in (q, k):
-        layer.base_layer.requires_grad_(False)
-        layer.add_adapter("default", 2, 4, 2.0, None, "gaussian")
-        nn.init.normal_(layer.lora_B["default"].weight)
-        layer.set_active(["default"])
+    q, k = _pair(5, 3)
     x = torch.randn(4, 6, requires_grad=True)
     q(x), k(x)  # learned: k reads q's input
     assert q._fuse.siblings == (q, k)
@@ -105,12 +100,7 @@ def test_a_wrong_guess_costs_nothing_but_time():
 
 
 def test_an_input_changed_in_place_is_not_served_a_stale_output():
-    torch.manual_seed(0)
-    q, k = LoraLinear(nn.Linear(6, 5)), LoraLinear(nn.Linear(6, 5))
-    for layer in (q, k):
-        layer.base_layer.requires_grad_(False)
-        layer.add_adapter("default", 2, 4, 2.0, None, "gaussian")
-        layer.set_active(["default"])
+    q, k = _pair(5, 5)
     x = torch.randn(4, 6, requires_grad=True)
     q(x), k(x)
     h = x * 1.0
@@ -140,7 +130,7 @@ def test_not_fused_under_autocast_or_around_a_hooked_base_layer():
     _step(m, batch, 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = m(input_ids=batch, labels=batch).loss
-    assert not any(type(fn).__name__ == "_SiblingLinearBackward" for fn in _graph(loss))
+    assert "_SiblingLinearBackward" not in graph_nodes(loss)
     calls = []
     handle = m.model.model.layers[0].self_attn.k_proj.base_layer.register_forward_hook(lambda *a: calls.append(1))
     _, _, nodes = _step(m, batch, 1)

@@ -6,24 +6,13 @@ from torch.nn import functional as F
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.ops import frozen_linear as fl
-from tiny import ids, randomize_lora, tiny_llama
+from tiny import graph_nodes, ids, randomize_lora, tiny_llama
 
 
 @pytest.fixture
 def fresh_check(monkeypatch):
     monkeypatch.setattr(fl, "_checked", None)
     return fl
-
-
-def _graph_names(t):
-    seen, todo = set(), [t.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        todo.extend(f for f, _ in fn.next_functions)
-    return [type(fn).__name__ for fn in seen]
 
 
 def test_oneDNN_is_used_where_it_agrees_with_F_linear():
@@ -58,7 +47,7 @@ def test_the_mode_takes_only_frozen_float32_linears_and_keeps_gradients():
         trained.zero_grad(set_to_none=True)
         with ctx:
             y = trained(frozen(x))
-        names = _graph_names(y)
+        names = graph_nodes(y)
         (y * torch.linspace(-1, 1, 8)).sum().backward()
         return y.detach(), x.grad.clone(), trained.weight.grad.clone(), names
 
@@ -82,7 +71,7 @@ def test_a_failed_self_test_leaves_torch_kernels(fresh_check, monkeypatch):
     x = torch.randn(3, 6, requires_grad=True)
     with fl.frozen_linears():
         y = frozen(x)
-    assert torch.equal(y, F.linear(x, frozen.weight, frozen.bias)) and "_FrozenLinearBackward" not in _graph_names(y)
+    assert torch.equal(y, F.linear(x, frozen.weight, frozen.bias)) and "_FrozenLinearBackward" not in graph_nodes(y)
 
 
 def test_disabled_switch(monkeypatch):
@@ -98,10 +87,10 @@ def test_training_step_uses_it_for_the_base_layers_lora_does_not_wrap():
     batch = ids(2, 7)
     m(input_ids=batch, labels=batch)  # the first call checks the fused loss
     out = m(input_ids=batch, labels=batch)
-    names = _graph_names(out.loss)
+    names = graph_nodes(out.loss)
     # k, o, gate, up, down of both layers (q and v run in lorakit's sibling kernel), but layer 0's k: its input
     # (from the frozen embedding) needs no gradient, so it has no backward node
     assert names.count("_FrozenLinearBackward") == (9 if fl.available() else 0)
     m.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     out = m(input_ids=batch, labels=batch)
-    assert "_FrozenLinearBackward" not in _graph_names(out.loss)
+    assert "_FrozenLinearBackward" not in graph_nodes(out.loss)

@@ -82,12 +82,18 @@ def _one_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         if acc is not None:
             acc.mul_(rescale.t()).addmm_(probs.t(), w_b)
         run_max = new_max
+    return _finish(hidden, weight, bias, targets, run_max.t(), run_sum.t(), acc)
+
+
+def _finish(hidden, weight, bias, targets, run_max, run_sum, acc) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed CE and grad w.r.t. ``hidden`` from an online softmax's running max, sum and ``sum exp W``
+    (``run_max``, ``run_sum``: [rows, 1])."""
     w_target = weight.index_select(0, targets)
     target_logit = (hidden * w_target).sum(1)
     if bias is not None:
         target_logit = target_logit + bias.index_select(0, targets)
-    total = (run_max + run_sum.log()).squeeze(0).sub(target_logit).sum()
-    grad_h = acc.div_(run_sum.t()).sub_(w_target) if acc is not None else None
+    total = (run_max + run_sum.log()).squeeze(1).sub(target_logit).sum()
+    grad_h = acc.div_(run_sum).sub_(w_target) if acc is not None else None
     return total, grad_h
 
 
@@ -113,13 +119,7 @@ def _one_pass_onednn(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         if acc is not None:
             acc = frozen_linear.add_linear_t(acc.mul_(rescale), probs, w_b)
         run_max = new_max
-    w_target = weight.index_select(0, targets)
-    target_logit = (hidden * w_target).sum(1)
-    if bias is not None:
-        target_logit = target_logit + bias.index_select(0, targets)
-    total = (run_max + run_sum.log()).squeeze(1).sub(target_logit).sum()
-    grad_h = acc.div_(run_sum).sub_(w_target) if acc is not None else None
-    return total, grad_h
+    return _finish(hidden, weight, bias, targets, run_max, run_sum, acc)
 
 
 def _blocked(hidden, weight, bias, targets, need_h: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
