@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ def learning():
         yield
     finally:
         _learning[0] -= 1
+
 
 _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
@@ -79,8 +81,18 @@ def _hooks_free() -> bool:
         return False
 
 
-def _spec(layer, x: torch.Tensor):
-    """(W, bias, A, B, factor, dropout, adapter) when ``layer`` may run fused on ``x``, else None."""
+class _Spec(NamedTuple):
+    W: torch.Tensor
+    b: torch.Tensor | None
+    A: torch.Tensor
+    B: torch.Tensor
+    factor: float
+    drop: SharedDropout | None
+    adapter: str
+
+
+def _spec(layer, x: torch.Tensor) -> _Spec | None:
+    """What ``layer`` computes on ``x`` when it may run fused, else None."""
     if layer.disable_adapters or len(layer.active_adapters) != 1 or layer.merged_adapters:
         return None
     base = layer.base_layer
@@ -95,13 +107,11 @@ def _spec(layer, x: torch.Tensor):
             or not (x.dtype == W.dtype == A.dtype == B.dtype) or x.dtype not in (torch.float32, torch.float64)
             or W.device.type != "cpu" or A.device.type != "cpu" or x.shape[-1] != W.shape[1]):
         return None
-    drop = layer.lora_dropout[name]
-    if drop.__class__ is nn.Identity:
-        drop = None
-    elif not isinstance(drop, SharedDropout):
+    drop = layer._dropout_of(name)
+    if drop is not None and not isinstance(drop, SharedDropout):
         return None
     factor = layer.scaling[name] * (drop.scale if drop is not None and drop.active else 1.0)
-    return W, b, A, B, factor, drop, name
+    return _Spec(W, b, A, B, factor, drop, name)
 
 
 def eligible(x: torch.Tensor) -> bool:
@@ -143,11 +153,11 @@ def _observe(layer, x: torch.Tensor) -> None:
     _run[:] = [weakref.ref(x), x._version, [layer]]
 
 
-def _compute(x: torch.Tensor, specs: list) -> tuple:
-    drop = specs[0][5]
+def _compute(x: torch.Tensor, specs: list[_Spec]) -> tuple:
+    drop = specs[0].drop
     keep = drop.keep_for(x) if drop is not None and drop.active else None
-    return sibling_linear(x, keep, [s[4] for s in specs], [s[0] for s in specs], [s[1] for s in specs],
-                          [s[2] for s in specs], [s[3] for s in specs])
+    return sibling_linear(x, keep, [s.factor for s in specs], [s.W for s in specs], [s.b for s in specs],
+                          [s.A for s in specs], [s.B for s in specs])
 
 
 def fused_forward(layer, x: torch.Tensor):
@@ -174,7 +184,7 @@ def fused_forward(layer, x: torch.Tensor):
             specs = [spec]
             for other in group[1:]:
                 s = _spec(other, x)
-                if s is None or s[5] is not spec[5] or s[6] != spec[6]:
+                if s is None or s.drop is not spec.drop or s.adapter != spec.adapter:
                     specs = None  # a sibling that cannot be fused now (a hook, another adapter): alone this time
                     break
                 specs.append(s)

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import weakref
 
-import numpy as np
 import torch
 from torch import nn
 
-from .masks import draw_keep_mask, torch_seed
+from .masks import draw_keep_mask, pack_keep, torch_seed, unpack_keep
 
 __all__ = ["SharedDropout"]
 
@@ -28,27 +27,26 @@ class _ApplyKeep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, exclusive: list) -> torch.Tensor:  # keep: bool, x's shape
         ctx.shape = keep.shape
-        ctx.packed = np.packbits(keep.numpy().reshape(-1)) if ctx.needs_input_grad[0] else None
+        ctx.packed = pack_keep(keep) if ctx.needs_input_grad[0] else None
         ctx.exclusive = exclusive
-        return _mul_keep(x, keep)
+        return mul_keep(x, keep)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        n = int(np.prod(ctx.shape))
-        keep = torch.from_numpy(np.unpackbits(ctx.packed, count=n).view(bool).reshape(ctx.shape))
+        keep = unpack_keep(ctx.packed, ctx.shape)
         if ctx.exclusive[0]:
             return _mul_keep_(grad, keep), None, None
-        return _mul_keep(grad, keep), None, None
+        return mul_keep(grad, keep), None, None
 
 
 def _mul_keep_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """x *= keep where x may be written (a contiguous CPU float tensor), else x * keep."""
     if x.device.type == "cpu" and x.is_floating_point() and x.is_contiguous() and not x.requires_grad:
         return x.mul_(keep.view(torch.uint8))
-    return _mul_keep(x, keep)
+    return mul_keep(x, keep)
 
 
-def _mul_keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def mul_keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """x * keep in one pass.
 
     On CPU the mask is read as uint8 (0/1, the same bytes): torch's bool*float loop is ~20x slower

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["draw_keep_mask", "torch_seed"]
+__all__ = ["draw_keep_mask", "pack_keep", "torch_seed", "unpack_keep"]
 
 
 def torch_seed(device: torch.device | str = "cpu") -> int:
@@ -47,3 +47,14 @@ def draw_keep_mask(numel: int, p: float, seed: int) -> np.ndarray:
     if tie.size:
         keep[tie] = gen.random(tie.size) >= frac
     return keep
+
+
+def pack_keep(keep: torch.Tensor) -> np.ndarray:
+    """A CPU bool keep mask as bits (1 bit per element), what backward keeps of it."""
+    return np.packbits(keep.reshape(-1).numpy())
+
+
+def unpack_keep(packed: np.ndarray, shape) -> torch.Tensor:
+    """The bool mask of ``shape`` that ``pack_keep`` packed."""
+    count = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(packed, count=count).view(bool).reshape(tuple(shape)))

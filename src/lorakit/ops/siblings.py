@@ -19,11 +19,12 @@ is memory traffic. The mask is kept bit-packed (1 bit per element) for backward.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .dropout import mul_keep
 from .frozen_linear import add_linear_t, base_linear
+from .masks import pack_keep, unpack_keep
 
 __all__ = ["sibling_linear"]
 
@@ -33,7 +34,7 @@ class _SiblingLinear(torch.autograd.Function):
     def forward(ctx, x, keep, factors, n, *tensors):
         Ws, bs, As, Bs = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n], tensors[3 * n:]
         x2 = x.reshape(-1, x.shape[-1])
-        xd = x2 if keep is None else x2 * keep.reshape(x2.shape).view(torch.uint8)
+        xd = x2 if keep is None else mul_keep(x2, keep.reshape(x2.shape))
         outs, hs = [], []
         for k in range(n):
             # per sibling, the very products of the per-module path (ops.branch): the same values bit for bit
@@ -48,7 +49,7 @@ class _SiblingLinear(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an output nobody reads: its sibling gets no gradient (None), as unfused
         ctx.packed = None
         if keep is not None and ctx.needs_input_grad[0]:
-            ctx.packed = np.packbits(keep.reshape(-1).numpy())
+            ctx.packed = pack_keep(keep)
         ctx.save_for_backward(xd, *hs, *As, *Ws, *Bs)
         return tuple(outs)
 
@@ -85,8 +86,7 @@ class _SiblingLinear(torch.autograd.Function):
                 A = As[live[0]] if len(live) == 1 else torch.cat([As[k] for k in live])
                 grad_x = gh @ A
                 if ctx.packed is not None:
-                    keep = torch.from_numpy(np.unpackbits(ctx.packed, count=grad_x.numel())).view(grad_x.shape)
-                    grad_x.mul_(keep)
+                    grad_x.mul_(unpack_keep(ctx.packed, grad_x.shape).view(torch.uint8))
                 for k in live:
                     grad_x = add_linear_t(grad_x, gs[k], Ws[k])
                 grad_x = grad_x.view(ctx.x_shape)
