@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import common  # noqa: E402
-from lorakit.ops import SharedDropout, lora_add  # noqa: E402
+from lorakit.kernels import SharedDropout, lora_add  # noqa: E402
 
 # (input group, in, out) for SmolLM2-135M
 MODULES = [("attn_in", 576, 576), ("attn_in", 576, 192), ("attn_in", 576, 192), ("o_in", 576, 576),

@@ -95,7 +95,7 @@ def wrap(impl: str, base, targets: list[str] | str, r: int, alpha: int, dropout:
         # no LoRA at all: the frozen model, its input embeddings made to require grad so backward still
         # runs through every layer (grad_x of every frozen linear), with the model's own loss. What any
         # LoRA library wrapping this model pays before its own work; lorakit can go below it only by
-        # computing the loss fused (lorakit.lm_loss).
+        # computing the loss fused (lorakit.loss.lm_loss).
         for p in model.parameters():
             p.requires_grad_(False)
         model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out.requires_grad_())

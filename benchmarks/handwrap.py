@@ -1,4 +1,4 @@
-"""A hand-written LoRA wrapper on lorakit.ops, for kernel work before/independent of the core.
+"""A hand-written LoRA wrapper on lorakit.kernels, for kernel work before/independent of the core.
 
 Same math and init as peft (A kaiming-uniform a=sqrt(5), B zero, scaling alpha/r), one
 SharedDropout for the whole adapter.
@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from lorakit.ops import SharedDropout, lora_delta
+from lorakit.kernels import SharedDropout, lora_delta
 from common import LLAMA_LINEAR
 
 

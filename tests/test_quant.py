@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, LoraError, LoraModel, get_peft_model
-from lorakit.quant import bnb_4bit_config, is_quantized_model, prepare_for_kbit_training
+from lorakit.hf.quant import bnb_4bit_config, is_quantized_model, prepare_for_kbit_training
 
 from tiny import ids
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit import skip_rows
-from lorakit.lm_loss import IGNORE_INDEX, LossComputer, fast_loss_sum, fast_path_parts
+from lorakit.loss import ffn_skip as skip_rows
+from lorakit.loss.lm_loss import IGNORE_INDEX, LossComputer, fast_loss_sum, fast_path_parts
 
 from core.helpers import FAMILIES, VOCAB, build, perturb_lora, single_thread  # noqa: F401
 

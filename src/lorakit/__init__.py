@@ -17,8 +17,8 @@ _EXPORTS = {
     "LoraModel": "model",
     "PeftModel": "model",
     "get_peft_model": "model",
-    "get_peft_model_state_dict": "model",
-    "set_peft_model_state_dict": "model",
+    "get_peft_model_state_dict": "hf.peft_api",
+    "set_peft_model_state_dict": "hf.peft_api",
     "dry_run": "dryrun",
     "DryRunReport": "dryrun",
     "default_target_modules": "targets",
@@ -30,9 +30,9 @@ _EXPORTS = {
     "DataError": "errors",
     "ModelLoadError": "errors",
     "TrainingError": "errors",
-    "bnb_4bit_config": "quant",
-    "prepare_for_kbit_training": "quant",
-    "prepare_model_for_kbit_training": "quant",
+    "bnb_4bit_config": "hf.quant",
+    "prepare_for_kbit_training": "hf.quant",
+    "prepare_model_for_kbit_training": "hf.quant",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -42,8 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .dryrun import DryRunReport, dry_run
     from .errors import (AdapterLoadError, ConfigError, DataError, LoraError, ModelLoadError, TargetError,
                          TrainingError)
-    from .model import LoraModel, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from .quant import bnb_4bit_config, prepare_for_kbit_training, prepare_model_for_kbit_training
+    from .hf.peft_api import get_peft_model_state_dict, set_peft_model_state_dict
+    from .model import LoraModel, PeftModel, get_peft_model
+    from .hf.quant import bnb_4bit_config, prepare_for_kbit_training, prepare_model_for_kbit_training
     from .targets import DEFAULT_TARGET_MODULES, default_target_modules
 
 

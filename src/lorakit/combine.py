@@ -16,6 +16,7 @@ adapter. Embedding layers follow the same rules with PEFT's layout (A [r, vocab]
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 
 from .errors import LoraError
 
-__all__ = ["COMBINATIONS", "combined_pair", "lora_pair"]
+__all__ = ["COMBINATIONS", "add_weighted", "combined_pair", "lora_pair"]
 
 #: what lorakit computes
 COMBINATIONS = ("svd", "cat", "linear")
@@ -71,3 +72,68 @@ def combined_pair(layer, sources: Sequence[str], weights: Sequence[float], kind:
             u, vh = u.clamp(-hi, hi), vh.clamp(-hi, hi)
         A[:k], B[:, :k] = vh, u
     return A, B
+
+
+def add_weighted(model, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                 combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                 svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
+                 majority_sign_method: str = "total") -> None:
+    """``LoraModel.add_weighted_adapter``: check everything, add the adapter, fill it per layer."""
+    model._check_live()
+    adapters, given = list(adapters), list(weights)
+    if not adapters:
+        raise LoraError("add_weighted_adapter needs at least one adapter to combine.")
+    for name in adapters:
+        model._require(name)
+    try:
+        weights = [float(w) for w in given]
+    except (TypeError, ValueError):
+        weights = []
+    if len(weights) != len(adapters) or not all(math.isfinite(w) for w in weights):
+        raise LoraError(f"weights must be one finite number per adapter: {len(adapters)} adapter(s) {adapters}, "
+                        f"weights {given!r}.")
+    if adapter_name in model.peft_config:
+        warnings.warn(f"adapter {adapter_name!r} exists already; add_weighted_adapter left it unchanged "
+                      f"(delete_adapter() it first to rebuild it).", stacklevel=3)
+        return
+    if combination_type in PEFT_ONLY:
+        raise LoraError(f"combination_type {combination_type!r} is not implemented in lorakit; use 'cat' or "
+                        f"'svd' (exact up to the rank) or 'linear'.")
+    if combination_type not in COMBINATIONS:
+        raise LoraError(f"unknown combination_type {combination_type!r}; choose one of {list(COMBINATIONS)}.")
+    kind = "linear" if len(adapters) == 1 else combination_type
+    configs = [model.peft_config[a] for a in adapters]
+    ranks = [max([c.r, *c.rank_pattern.values()]) for c in configs]
+    if kind == "linear" and len(set(ranks)) != 1:
+        raise LoraError(f"combination_type='linear' needs adapters of one rank, got ranks {ranks} for {adapters}; "
+                        f"use 'cat' or 'svd'.")
+    if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
+        raise LoraError(f"svd_rank must be a positive integer, got {svd_rank!r}.")
+    if svd_clamp is not None and not 0.0 < float(svd_clamp) <= 1.0:
+        raise LoraError(f"svd_clamp is a quantile in (0, 1], got {svd_clamp!r}.")
+    rank = {"cat": sum(ranks), "linear": ranks[0]}.get(kind) or svd_rank or max(ranks)
+    shared = [path for path, w in model._saved_wrappers() if sum(a in w.modules_to_save for a in adapters) > 1]
+    if shared:
+        raise LoraError(f"adapters {adapters} each keep their own copy of {shared[0]!r} (modules_to_save), "
+                        f"which cannot be combined; combine adapters that share no saved module.")
+    paths = sorted(path for path, layer in model.lora_layers() if any(a in layer.r for a in adapters))
+    # the modules the sources wrap, by path (a union of their target patterns could reach others);
+    # plain initialisation (no PiSSA-style change of the base) and scaling exactly 1
+    config = configs[0].replace(r=rank, lora_alpha=rank, use_rslora=False, target_modules=tuple(paths),
+                                exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+                                rank_pattern={}, alpha_pattern={}, init_lora_weights=True)
+    model.add_adapter(adapter_name, config)
+    with torch.no_grad():
+        for _, layer in model.lora_layers():
+            if adapter_name not in layer.r:
+                continue
+            present = [(a, w) for a, w in zip(adapters, weights) if a in layer.r]
+            A, B = lora_pair(layer, adapter_name)
+            if not present:
+                A.zero_(), B.zero_()
+                continue
+            new_a, new_b = combined_pair(layer, [a for a, _ in present], [w for _, w in present],
+                                                 kind, rank, svd_clamp=svd_clamp,
+                                                 svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)
+            A.copy_(new_a), B.copy_(new_b)
+

@@ -6,18 +6,21 @@ against a model before anything is loaded: the PEFT key names and shapes it expe
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 
 from torch import nn
 
 from .config import LoraConfig, TaskType
-from .errors import TargetError
+from .errors import LoraError, TargetError
 from .layers import LoraLayer, ModulesToSave
+from .layers.routing import BASE
 from .targets import module_kind, pattern_value, select_targets
 
-__all__ = ["TargetSpec", "AdapterPlan", "plan_adapter", "plain_modules", "PEFT_PREFIX"]
+__all__ = ["TargetSpec", "AdapterPlan", "check_new_adapter", "plan_adapter", "trained_biases", "plain_modules", "PEFT_PREFIX"]
 
 PEFT_PREFIX = "base_model.model."
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 # heads that classification-type tasks train and save along with the adapter (as peft does)
 _TASK_HEADS = {
@@ -194,3 +197,45 @@ def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | No
             key = f"{n}.base_layer.bias" if n in wrapped_now else f"{n}.bias"
             bias_shapes[key] = tuple(b.shape)
     return AdapterPlan(config, tuple(targets), saved, saved_shapes, bias_shapes)
+
+
+def check_new_adapter(existing: dict[str, LoraConfig], adapter_name: str, config: LoraConfig) -> None:
+    """Refuse a new adapter that cannot join the ``existing`` ones (name, config type, bias rule)."""
+    if not isinstance(config, LoraConfig):
+        raise LoraError(f"config must be a lorakit.LoraConfig; got {type(config).__name__}. Build one with "
+                        f"LoraConfig(r=..., target_modules=...) or LoraConfig.from_pretrained(folder).")
+    if not isinstance(adapter_name, str) or not _NAME_RE.match(adapter_name) or adapter_name == BASE:
+        raise LoraError(
+            f"adapter name {adapter_name!r} is not allowed: use letters, digits, '_' or '-' (no dots), "
+            f"and not {BASE!r}."
+        )
+    if adapter_name in existing:
+        raise LoraError(f"adapter {adapter_name!r} exists already; delete_adapter() it first or pick another name.")
+    with_bias = [n for n, c in existing.items() if c.bias != "none"]
+    if existing and (config.bias != "none" or with_bias):
+        who = f"adapter {with_bias[0]!r} has bias={existing[with_bias[0]].bias!r}" if with_bias else \
+            f"the new adapter has bias={config.bias!r}"
+        raise LoraError(
+            f"cannot add adapter {adapter_name!r}: {who}. bias='all'/'lora_only' trains the base model's own "
+            f"biases, which every adapter shares, so one adapter's biases would change the others' outputs. "
+            f"Use bias='none' for every adapter when a model holds several (peft has the same rule).")
+
+
+def trained_biases(model: nn.Module, plan: AdapterPlan) -> list[nn.Parameter]:
+    """The base biases an adapter trains: every one for ``bias="all"``, its targets' for ``"lora_only"``."""
+    bias = plan.config.bias
+    if bias == "none":
+        return []
+    targets = {t.name for t in plan.targets}
+    params = []
+    for path, m in model.named_modules():
+        if isinstance(m, (LoraLayer, ModulesToSave)):
+            continue
+        b = m._parameters.get("bias") if hasattr(m, "_parameters") else None
+        if isinstance(b, nn.Parameter):
+            owner = path[: -len(".base_layer")] if path.endswith(".base_layer") else path
+            if "modules_to_save" in owner.split(".") or ".original_module" in owner:
+                continue
+            if bias == "all" or owner in targets:
+                params.append(b)
+    return params

@@ -11,6 +11,7 @@ from typing import Literal, Union
 
 from torch import nn
 
+from .hf.quant import quantized_kind
 from .layers import LoraLayer, ModulesToSave
 
 __all__ = ["LayerStatus", "ModelStatus", "layer_status", "model_status"]
@@ -54,8 +55,7 @@ def _all_or_none(flags: list[bool]) -> Union[bool, Irregular]:
 
 def _backend(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
-    kind = type(weight).__name__ if weight is not None else ""
-    return {"Params4bit": "bnb 4bit", "Int8Params": "bnb 8bit"}.get(kind)
+    return quantized_kind(weight) if weight is not None else None
 
 
 def _per_adapter(module: nn.Module, names: list[str]) -> dict[str, list[nn.Parameter]]:

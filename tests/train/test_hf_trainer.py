@@ -4,7 +4,7 @@ import inspect
 import torch
 
 from lorakit import LoraConfig, LoraModel, get_peft_model
-from lorakit.integrations import SaveAdapterCallback
+from lorakit.hf.trainer import SaveAdapterCallback
 
 from tiny import tiny_llama
 
@@ -46,7 +46,7 @@ def test_lora_trainer_saves_and_resumes_the_adapter_of_a_tied_model(tmp_path):
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from lorakit.integrations import LoraTrainer
+    from lorakit.hf.trainer import LoraTrainer
     from tiny import tiny_gpt2
 
     torch.manual_seed(0)

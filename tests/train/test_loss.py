@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lorakit.train.loss import LossComputer, count_label_tokens, fast_loss_sum, fast_path_parts
+from lorakit.loss.lm_loss import LossComputer, count_label_tokens, fast_loss_sum, fast_path_parts
 from .tiny import pad_batch, tiny_examples, tiny_llama
 
 

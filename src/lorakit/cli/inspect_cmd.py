@@ -52,7 +52,7 @@ def _lora_rank_errors(config, weights: dict) -> list[str]:
 
 def _describe_adapter(path: str):
     """Print the adapter's config and tensors; AdapterLoadError when it is incomplete or inconsistent."""
-    from lorakit.checkpoint import read_adapter
+    from lorakit.peft_format import read_adapter
     from lorakit.cli.common import read_adapter_config
     from lorakit.errors import AdapterLoadError
 

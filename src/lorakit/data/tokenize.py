@@ -25,13 +25,13 @@ from typing import Any, Sequence
 
 from lorakit.data.prompts import PromptTemplate
 from lorakit.data.readers import record_location
+from lorakit.constants import IGNORE_INDEX
 from lorakit.errors import ConfigError, DataError
 
 __all__ = ["TokenizedDataset", "tokenize_records", "encode_prompt", "encode_answer", "IGNORE_INDEX"]
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value that cross-entropy (and transformers' loss) skips
 _TRUNCATION = ("middle", "left")
 
 

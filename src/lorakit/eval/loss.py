@@ -4,7 +4,7 @@ The mean is token-weighted over the whole set: sum of per-token cross-entropy ov
 tokens / number of answer tokens, so batches with more answer tokens count more (a mean of batch
 means would not be the set's loss). Perplexity = exp(loss).
 
-Causal LMs whose logits are ``head(body(x))`` are scored with ``lorakit.lm_loss`` (the head only at
+Causal LMs whose logits are ``head(body(x))`` are scored with ``lorakit.loss.lm_loss`` (the head only at
 answer positions, never the full logits; checked once against the model's own loss); anything else
 (other architectures, wrappers that only expose ``forward``) through its logits. The training loop's
 periodic evaluation and ``lorakit eval`` call this same function.
@@ -44,14 +44,14 @@ def heldout_loss(model: Any, dataset: Sequence[dict], collator: Any, *, batch_si
                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, float]:
     """``{"loss", "perplexity", "tokens"}`` of ``model`` on tokenized examples (under eval mode, no grad).
 
-    ``loss``: a ``lorakit.lm_loss.LossComputer`` to reuse (the training loop passes its own); by default
+    ``loss``: a ``lorakit.loss.lm_loss.LossComputer`` to reuse (the training loop passes its own); by default
     one is made when the model allows the fast path. ``autocast``: a context factory for mixed precision.
     Batches are length-sorted (little padding); the result does not depend on ``batch_size``.
     """
     import torch
 
-    from lorakit.lm_loss import LossComputer, count_label_tokens, fast_path_parts
-    from lorakit.train.batches import eval_order
+    from lorakit.loss.lm_loss import LossComputer, count_label_tokens, fast_path_parts
+    from lorakit.data.batches import eval_order
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}.")

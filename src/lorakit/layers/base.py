@@ -12,14 +12,11 @@ import torch
 from torch import nn
 
 from ..errors import LoraError
-from ..ops import add_delta
+from ..hf.quant import is_quantized_weight
+from ..kernels import add_delta
 from .routing import BASE, current_rows
 
 __all__ = ["LoraLayer"]
-
-
-def _is_quantized(weight: torch.Tensor) -> bool:
-    return type(weight).__name__ in ("Params4bit", "Int8Params") or hasattr(weight, "quant_state")
 
 
 class LoraLayer(nn.Module):
@@ -102,26 +99,29 @@ class LoraLayer(nn.Module):
         """Add the adapters' updates into the base weight. Merging a merged adapter is a no-op."""
         names = list(self.active_adapters if names is None else names)
         w = self.base_layer.weight
-        if _is_quantized(w):
+        if is_quantized_weight(w):
             raise LoraError(
                 "cannot merge into a quantized (4/8-bit) base layer: load the base model in bf16/fp32, "
                 "load the adapter on it, then merge."
             )
+        if safe:
+            self.check_merge(names)
         for name in names:
             if name not in self.r or name in self.merged_adapters:
                 continue
-            delta = self.delta_weight(name)
-            if safe:
-                new = w.data.float() + delta
-                if not torch.isfinite(new).all():
-                    raise LoraError(
-                        f"merging adapter {name!r} would put NaN/inf into {type(self.base_layer).__name__} weights; "
-                        f"the adapter is broken (check its training). Nothing was merged into this layer."
-                    )
-                w.data.copy_(new.to(w.dtype))
-            else:
-                w.data += delta  # a float32 delta into a half-precision weight: one rounding, as peft
+            w.data += self.delta_weight(name)  # a float32 delta into a half-precision weight: one rounding, as peft
             self.merged_adapters.append(name)
+
+    def check_merge(self, names: Sequence[str]) -> None:
+        """Refuse (changing nothing) when merging ``names`` would put NaN/inf into the base weight."""
+        w = self.base_layer.weight
+        for name in names:
+            if name in self.r and name not in self.merged_adapters:
+                if not torch.isfinite(w.data.float() + self.delta_weight(name)).all():
+                    raise LoraError(
+                        f"merging adapter {name!r} would put NaN/inf into the weights of a "
+                        f"{type(self.base_layer).__name__} layer; nothing was merged. The adapter is broken "
+                        f"(check its training).")
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
         """Subtract merged updates again; unmerge of an unmerged layer is a no-op."""

@@ -6,10 +6,10 @@ import math
 import torch
 from torch import nn
 
-from ..ops import lora_add, lora_delta
-from . import fusion
+from ..kernels import lora_add, lora_delta
+from ..kernels import fusion
 from .base import LoraLayer
-from .routing import BASE
+from .routing import BASE, current_rows
 
 __all__ = ["LoraLinear"]
 
@@ -32,7 +32,7 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # training on the CPU: layers reading one input run as one node (layers/fusion.py) when they can
-        if not args and not kwargs:
+        if not args and not kwargs and current_rows() is None:
             if torch.is_grad_enabled():
                 if fusion.eligible(x):
                     out = fusion.fused_forward(self, x)

@@ -285,7 +285,7 @@ def _check_causal(path: str, name: str, trust_remote_code: bool) -> None:
         raise ModelLoadError(
             f"{name} is {kind}; recipes and `lorakit train` fine-tune causal language models. For this model use "
             f"the Python API: lorakit.get_peft_model(model, LoraConfig(task_type=...)) with your own loop or "
-            f"lorakit.integrations.LoraTrainer (see the README).")
+            f"lorakit.hf.trainer.LoraTrainer (see the README).")
 
 
 def _check_local_path(path: str) -> None:

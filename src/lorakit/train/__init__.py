@@ -15,7 +15,7 @@ _EXPORTS = {
     "train": "lorakit.train.run",
     "TrainResult": "lorakit.train.loop",
     "train_loop": "lorakit.train.loop",
-    "LossComputer": "lorakit.train.loss",
+    "LossComputer": "lorakit.loss.lm_loss",
 }
 
 __all__ = sorted(_EXPORTS)

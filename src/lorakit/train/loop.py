@@ -20,9 +20,10 @@ import torch
 
 from lorakit.errors import TrainingError
 from lorakit.eval.loss import heldout_loss
-from lorakit.train.batches import epoch_order
+from lorakit.data.batches import epoch_order
 from lorakit.train.config import TrainConfig
-from lorakit.train.loss import IGNORE_INDEX, LossComputer, count_label_tokens
+from lorakit.constants import IGNORE_INDEX
+from lorakit.loss.lm_loss import LossComputer, count_label_tokens
 from lorakit.train.metrics import MetricsLog, plot_loss
 from lorakit.train.schedule import make_scheduler, warmup_steps
 from lorakit.train.state import checkpoint_dir, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint

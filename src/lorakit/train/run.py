@@ -55,7 +55,7 @@ def load_base(cfg: TrainConfig):
     if not cfg.model.load_in_4bit:
         return load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, device="cpu",
                                         trust_remote_code=cfg.model.trust_remote_code)
-    from lorakit.quant import bnb_4bit_config, prepare_for_kbit_training
+    from lorakit.hf.quant import bnb_4bit_config, prepare_for_kbit_training
 
     model, tokenizer = load_model_and_tokenizer(
         cfg.model.name, dtype=cfg.model.dtype, device="cpu", trust_remote_code=cfg.model.trust_remote_code,

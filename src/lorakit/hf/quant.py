@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LoraError
+from ..errors import LoraError
 
 __all__ = ["bnb_4bit_config", "guard_cpu_4bit_training", "prepare_for_kbit_training", "prepare_model_for_kbit_training",
            "is_quantized_model"]
@@ -48,8 +48,30 @@ def bnb_4bit_config(compute_dtype: str | torch.dtype = "float32", quant_type: st
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=double_quant)
 
 
+#: bitsandbytes' quantized parameter classes, by name (bitsandbytes is optional: never imported to ask)
+_QUANTIZED = {"Params4bit": "bnb 4bit", "Int8Params": "bnb 8bit"}
+
+
+def quantized_kind(weight) -> str | None:
+    """``"bnb 4bit"`` / ``"bnb 8bit"`` for a bitsandbytes-quantized parameter, else None. The one place
+    that recognises quantized weights."""
+    kind = _QUANTIZED.get(type(weight).__name__)
+    if kind is None and hasattr(weight, "quant_state"):
+        kind = "bnb 4bit"
+    return kind
+
+
+def is_quantized_weight(weight) -> bool:
+    return quantized_kind(weight) is not None
+
+
+def stored_elements(p: torch.Tensor) -> int:
+    """How many weights a parameter holds: 4-bit ones pack two values per stored byte."""
+    return p.numel() * (2 if quantized_kind(p) == "bnb 4bit" else 1)
+
+
 def is_quantized_model(model: nn.Module) -> bool:
-    return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
+    return any(is_quantized_weight(p) for p in model.parameters())
 
 
 def guard_cpu_4bit_training(model: nn.Module) -> int:
@@ -66,7 +88,7 @@ def guard_cpu_4bit_training(model: nn.Module) -> int:
     n, repacked = 0, 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if type(weight).__name__ != "Params4bit":
+        if quantized_kind(weight) != "bnb 4bit":
             continue
         n += 1
         if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -96,7 +118,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     """
     for p in model.parameters():
         p.requires_grad_(False)
-        if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ not in ("Params4bit", "Int8Params"):
+        if p.dtype in (torch.float16, torch.bfloat16) and not is_quantized_weight(p):
             p.data = p.data.float()
     if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         # the inputs of checkpointed blocks must require grad, or no gradient reaches the adapters

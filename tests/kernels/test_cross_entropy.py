@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lorakit.ops import linear_cross_entropy
+from lorakit.kernels import linear_cross_entropy
 
 
 def _data(n=23, h=16, v=50, dtype=torch.float64, seed=0, bias=False, train_head=False):
@@ -82,7 +82,7 @@ def test_row_count_layouts_agree(n):
 def test_one_pass_over_vocabulary_blocks_matches_the_reference(monkeypatch, block, bias):
     # a frozen float32 head with few rows reads the head once, block by block (online softmax); the
     # logits span a wide range so that later blocks raise the running maximum many times
-    from lorakit.ops import cross_entropy
+    from lorakit.kernels import cross_entropy
 
     monkeypatch.setattr(cross_entropy, "_VOCAB_BLOCK", block)
     hidden, weight, b, targets = _data(n=9, h=12, v=50, dtype=torch.float32, bias=bias)
@@ -99,7 +99,7 @@ def test_one_pass_over_vocabulary_blocks_matches_the_reference(monkeypatch, bloc
 
 
 def test_one_pass_is_used_for_few_rows_and_not_for_a_trainable_head(monkeypatch):
-    from lorakit.ops import cross_entropy
+    from lorakit.kernels import cross_entropy
 
     calls = []
     for name in ("_one_pass", "_one_pass_onednn"):  # the second where oneDNN is usable (ops.frozen_linear)
@@ -124,7 +124,7 @@ def test_one_pass_is_used_for_few_rows_and_not_for_a_trainable_head(monkeypatch)
 @pytest.mark.parametrize("n", [3, 40])
 def test_one_pass_layouts_agree(n):
     """The oneDNN row-major one-pass and MKL's block-major one agree (and with the plain loss)."""
-    from lorakit.ops import cross_entropy, frozen_linear
+    from lorakit.kernels import cross_entropy, onednn as frozen_linear
 
     hidden, weight, bias, targets = _data(n=n, dtype=torch.float32, bias=True)
     hidden = hidden.detach()  # the kernels run inside the loss's autograd node, on plain tensors
@@ -139,7 +139,7 @@ def test_one_pass_layouts_agree(n):
 
 
 def test_one_pass_with_a_vocabulary_block_masked_to_minus_infinity(monkeypatch):
-    from lorakit.ops import cross_entropy
+    from lorakit.kernels import cross_entropy
 
     monkeypatch.setattr(cross_entropy, "_VOCAB_BLOCK", 10)
     hidden, weight, b, targets = _data(n=6, h=8, v=50, dtype=torch.float32, bias=True)

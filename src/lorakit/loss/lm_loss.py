@@ -23,15 +23,15 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .layers import fusion
-from .ops import linear_cross_entropy
-from .ops.frozen_linear import frozen_linears
-from .skip_rows import checkpointing, run_with_rows
+from ..constants import IGNORE_INDEX
+from ..kernels import fusion
+from ..kernels import linear_cross_entropy
+from ..kernels.onednn import frozen_linears
+from .ffn_skip import checkpointing, run_with_rows
 
 __all__ = ["IGNORE_INDEX", "FusedLossOutput", "LossComputer", "body_hidden", "check_fast_loss", "count_label_tokens",
            "fast_loss_sum", "fast_path_parts", "fused_output", "hf_loss_sum", "labelled_loss_sum", "unwrap_hf"]
 
-IGNORE_INDEX = -100
 # Config attributes that insert something between the head and the logits HF's loss sees.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
                      "logit_softcapping", "mup_width_scale")

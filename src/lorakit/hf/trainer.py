@@ -9,7 +9,7 @@ into another Trainer subclass, e.g. TRL's ``SFTTrainer``): checkpoints and ``sav
 the adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``), and
 ``train(resume_from_checkpoint=...)`` loads it back::
 
-    from lorakit.integrations import LoraTrainer
+    from lorakit.hf.trainer import LoraTrainer
     trainer = LoraTrainer(model=lora_model, args=args, train_dataset=ds)
     trainer.train(); trainer.save_model("out/adapter")
 
@@ -36,7 +36,7 @@ def _callback_base() -> type:
 
 def _lora_model(model: Any):
     """The LoraModel inside Trainer / DDP / accelerate wrappers, or None."""
-    from .model import LoraModel
+    from ..model import LoraModel
 
     inner = model
     while not isinstance(inner, LoraModel) and hasattr(inner, "module"):
@@ -67,7 +67,7 @@ class LoraTrainerMixin:
         lora = _lora_model(model if model is not None else self.model)
         if lora is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from .checkpoint import read_adapter
+        from ..peft_format import read_adapter
 
         _, weights = read_adapter(resume_from_checkpoint)
         lora.load_lora_state_dict(weights)  # checked key by key and shape by shape against the model

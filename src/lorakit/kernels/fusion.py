@@ -24,9 +24,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from ..ops import SharedDropout
-from ..ops.siblings import sibling_linear
-from .routing import current_rows
+from .dropout import SharedDropout
+from .siblings import sibling_linear
 
 __all__ = ["FuseState", "eligible", "enabled", "fused_forward", "learnable", "learning", "observe"]
 
@@ -128,7 +127,7 @@ def learnable(x: torch.Tensor) -> bool:
 
 def _conditions(x: torch.Tensor) -> bool:
     return (enabled and isinstance(x, torch.Tensor) and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu") and current_rows() is None
+            and not torch.is_autocast_enabled("cpu")
             and not _module._global_forward_hooks and not _module._global_forward_pre_hooks
             and not torch.compiler.is_compiling() and _hooks_free())
 

@@ -30,11 +30,11 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from . import frozen_linear
+from ..constants import IGNORE_INDEX
+from . import onednn as frozen_linear
 
 __all__ = ["linear_cross_entropy"]
 
-IGNORE_INDEX = -100
 #: logits held at once, in elements (64 MiB of float32, 341 rows of a 49k vocabulary): bounded
 #: memory, and GEMMs tall enough to run near the machine's peak (128-row chunks cost ~10% more)
 _CHUNK_ELEMENTS = 16 * 1024 * 1024

@@ -1,7 +1,7 @@
 import torch
 import torch.utils.checkpoint as cp
 
-from lorakit.ops import SharedDropout, lora_delta
+from lorakit.kernels import SharedDropout, lora_delta
 
 
 def _mask(d, x):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit.ops import SharedDropout, lora_delta
+from lorakit.kernels import SharedDropout, lora_delta
 
 
 def _params(n_in=12, n_out=10, r=4, seed=0):
@@ -81,7 +81,7 @@ def test_input_without_grad_still_trains_A_and_B():
 @pytest.mark.parametrize("inplace", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_lora_add_equals_base_plus_delta_with_gradients(inplace, p):
-    from lorakit.ops import lora_add
+    from lorakit.kernels import lora_add
 
     x, A, B = _params(n_in=64, n_out=32)
     base_w = torch.randn(32, 64, dtype=torch.float64)
@@ -97,7 +97,7 @@ def test_lora_add_equals_base_plus_delta_with_gradients(inplace, p):
 
 
 def test_lora_add_in_place_reuses_the_base_output_and_no_grad_path_agrees():
-    from lorakit.ops import lora_add
+    from lorakit.kernels import lora_add
 
     x, A, B = _params()
     base = torch.zeros(3, 5, 10, dtype=torch.float64)

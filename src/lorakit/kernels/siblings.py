@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from .dropout import mul_keep
-from .frozen_linear import add_linear_t, base_linear
+from .onednn import add_linear_t, base_linear
 from .masks import pack_keep, unpack_keep
 
 __all__ = ["sibling_linear"]

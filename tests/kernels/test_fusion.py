@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.layers import LoraLinear, fusion
+from lorakit.kernels import fusion
+from lorakit.layers import LoraLinear
 from tiny import graph_nodes, ids, randomize_lora, tiny_llama
 
 

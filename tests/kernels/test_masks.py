@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit.ops.masks import draw_keep_mask, torch_seed
+from lorakit.kernels.masks import draw_keep_mask, torch_seed
 
 
 @pytest.mark.parametrize("p", [0.1, 0.05, 0.5, 0.9, 1 / 3])

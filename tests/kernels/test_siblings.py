@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lorakit.ops import lora_add
-from lorakit.ops.masks import draw_keep_mask
-from lorakit.ops.siblings import sibling_linear
+from lorakit.kernels import lora_add
+from lorakit.kernels.masks import draw_keep_mask
+from lorakit.kernels.siblings import sibling_linear
 
 
 def _setup(outs=(10, 6, 6), ranks=(4, 2, 4), n_in=12, bias=True, dtype=torch.float64, keep_p=0.3, seed=0):

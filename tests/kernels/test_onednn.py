@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.ops import frozen_linear as fl
+from lorakit.kernels import onednn as fl
 from tiny import graph_nodes, ids, randomize_lora, tiny_llama
 
 
