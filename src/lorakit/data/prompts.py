@@ -17,6 +17,9 @@ Templates (``get_template(name, **fields)``):
     assistant = output; the prompt is the conversation with the generation prompt, the answer is the
     rest of the full conversation with trailing whitespace removed (so it ends with the template's
     end-of-turn token, e.g. ``<|im_end|>``).
+    Records that hold a conversation instead (OpenAI ``messages`` or ShareGPT ``conversations``, or the
+    column named by ``messages_column``) are multi-turn: the loss falls on every assistant reply
+    (:mod:`lorakit.data.chat`); ``render`` gives the conversation up to its last reply, and that reply.
 
 At inference the answer field may be absent: ``render`` then returns ``(prompt, "")``.
 
@@ -161,12 +164,22 @@ class ClassificationTemplate(PromptTemplate):
 class ChatTemplate(_InstructionTemplate):
     name: ClassVar[str] = "chat"
     system: str | None = None  # optional system message; None -> the chat template's own default
+    messages_column: str | None = None  # conversation records: None -> 'messages' / 'conversations' / found
+
+    def is_conversation(self, records: Any) -> bool:
+        """Whether ``records`` are conversations (one record holding one is enough: the others must too)."""
+        from lorakit.data.conversations import find_conversation_column
+
+        return self.messages_column is not None or any(
+            isinstance(r, dict) and find_conversation_column(r) is not None for r in records)
 
     def render(self, record: dict, tokenizer: Any = None) -> tuple[str, str]:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise DataError("the 'chat' template uses the tokenizer's chat template, but "
                             + ("no tokenizer was given" if tokenizer is None else "this tokenizer has none")
                             + "; pass the tokenizer, or use template 'human_assistant' or 'alpaca'.")
+        if self.is_conversation([record]):
+            return self._render_conversation(record, tokenizer)
         instruction, inp, output = self._parts(record)
         user = instruction if not inp.strip() else f"{instruction}\n{inp}"
         messages = ([{"role": "system", "content": self.system}] if self.system is not None else [])
@@ -181,6 +194,15 @@ class ChatTemplate(_InstructionTemplate):
                             "assistant turn (the full conversation does not start with the prompt), so the "
                             "answer cannot be separated; use template 'human_assistant' or 'alpaca'.")
         return prompt, full[len(prompt):].rstrip()
+
+    def _render_conversation(self, record: dict, tokenizer: Any) -> tuple[str, str]:
+        """(the conversation before its last reply with the generation prompt, that reply's text)."""
+        from lorakit.data.chat import conversation_of, render_turns
+
+        turns, _ = conversation_of(record, self, "record")
+        last = max((k for k, t in enumerate(turns) if t.role == "assistant"), default=len(turns))
+        prompt = render_turns(tokenizer, turns[:last], generation_prompt=True)
+        return prompt, turns[last].content if last < len(turns) else ""
 
 
 _TEMPLATES: dict[str, type[PromptTemplate]] = {

@@ -14,7 +14,8 @@ Supported sources:
 
 A ``.json`` file holding one object that wraps the list (``{"data": [...]}``) is refused with a message
 that names the key and how to unwrap it: a one-line object could also be a single JSON Lines record, so
-lorakit does not guess.
+lorakit does not guess. The exception is one conversation (``{"messages": [{"role": ..., "content": ...}, ...]}``
+or ShareGPT's ``conversations``), read as one record.
 
 Every record keeps where it came from, e.g. ``"train.csv row 5 (line 6)"``: ``Records.locations[i]``, and
 on the record itself (``records[i].location``; the records are :class:`Record`, a ``dict`` with that one
@@ -214,6 +215,8 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
         if isinstance(whole, dict):
             wrapped = _wrapped_list_key(whole)
             one_line = len([line for line in text.splitlines() if line.strip()]) == 1
+            if _is_one_conversation(whole):
+                return [whole], [f"{path} record 0"]  # {"messages": [turns]}: one conversation, pretty-printed
             if wrapped is not None:
                 # {"data": [{...}, ...]}: the records are wrapped in an object. Refused rather than unwrapped:
                 # on one line it could as well be a single JSON Lines record with one list-valued field.
@@ -243,6 +246,13 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
         rows.append(item)
         locs.append(loc)
     return rows, locs
+
+
+def _is_one_conversation(obj: dict) -> bool:
+    """``{"messages": [...]}`` / ``{"conversations": [...]}`` whose list holds turns (role/from keys)."""
+    from lorakit.data.conversations import CONVERSATION_COLUMNS, is_turn_list
+
+    return any(is_turn_list(obj.get(k)) for k in CONVERSATION_COLUMNS)
 
 
 def _wrapped_list_key(obj: dict) -> str | None:

@@ -43,7 +43,9 @@ class TokenizedDataset:
     ``n_answer_truncated``: those of them whose answer's end was cut (no EOS then);
     ``n_dropped``: records left out (with nothing to train on, or a whole-answer template's answer
     could not fit); ``n_empty``: those of them left out for a null/blank answer, text or instruction;
-    ``dropped``: the record indices that were left out. Indexable, so a DataLoader can take it as is.
+    ``dropped``: the record indices that were left out; ``n_turns_cut``: conversations only, the
+    user/assistant exchanges cut from their starts (see :mod:`lorakit.data.chat`). Indexable, so a
+    DataLoader can take it as is.
     """
 
     examples: list[dict]
@@ -52,6 +54,7 @@ class TokenizedDataset:
     dropped: list[int] = field(default_factory=list)
     n_answer_truncated: int = 0
     n_empty: int = 0
+    n_turns_cut: int = 0
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -143,12 +146,20 @@ def tokenize_records(records: Sequence[dict], template: PromptTemplate, tokenize
     ``truncation``: how a too-long prompt is cut, ``"middle"`` (default; keep the prompt's head and tail)
     or ``"left"`` (keep BOS and the tail); a too-long answer then loses its end (see the module doc).
     ``name`` (e.g. "train", "eval") goes into the warnings, to say which split they are about.
+    Conversation records (the ``chat`` template, see ``ChatTemplate.is_conversation``) take the multi-turn
+    path of :mod:`lorakit.data.chat`: loss on every assistant reply, whole turns cut when too long.
     """
     what = f"tokenize {name}" if name else "tokenize"
     if not isinstance(max_length, int) or max_length < 2:
         raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}.")
     if truncation not in _TRUNCATION:
         raise ConfigError(f"truncation must be one of {_TRUNCATION}, got {truncation!r}.")
+    if getattr(template, "is_conversation", None) is not None and template.is_conversation(records):
+        from lorakit.data.chat import tokenize_conversations
+
+        if not len(records):
+            raise DataError("no records to tokenize; the dataset is empty.")
+        return tokenize_conversations(records, template, tokenizer, max_length, name=name)
     answer_key = getattr(template, "answer_recipe_key", "data.template_args.output_column")
     empty_fields = getattr(template, "empty_fields", None)
     prompts, answers, kept, locs = [], [], [], []
