@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from lorakit.cli import chat_cmd, demo_cmd, eval_cmd, generate_cmd, inspect_cmd, merge_cmd, train_cmd
+from lorakit.cli import (chat_cmd, demo_cmd, eval_cmd, export_cmd, generate_cmd, inspect_cmd, merge_cmd,
+                         serve_cmd, train_cmd)
 
 COMMANDS = {
     "train": train_cmd,
@@ -14,8 +15,10 @@ COMMANDS = {
     "generate": generate_cmd,
     "chat": chat_cmd,
     "merge": merge_cmd,
+    "export": export_cmd,
     "inspect": inspect_cmd,
     "demo": demo_cmd,
+    "serve": serve_cmd,
 }
 
 
