@@ -132,7 +132,8 @@ def load_model_checked(name: str, **kw: Any) -> tuple[Any, Any]:
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(model, tokenizer) from --model / --adapter; the model is in eval mode on the chosen device."""
+    """(model, tokenizer) from --model / --adapter; the model is in eval mode on the chosen device. An adapter
+    folder's chat template (``chat_template.jinja``, written by training) replaces the base model's."""
     name = check_model_inputs(args)
     adapter = getattr(args, "adapter", None)
     device = pick_device(args.device)
@@ -140,8 +141,12 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
                                           trust_remote_code=args.trust_remote_code)
     if adapter:
         from lorakit import LoraModel
+        from lorakit.data.chat_template import load_chat_template
 
         model = LoraModel.from_pretrained(model, adapter)
+        template = load_chat_template(adapter)  # the template the adapter was trained with, before the base's
+        if template is not None:
+            tokenizer.chat_template = template
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     if not records:
         raise ConfigError("no records to evaluate: set data.eval (or --data), or data.eval_fraction > 0")
     template = make_template(cfg)
-    for i, rec in enumerate(records):
+    conversations = getattr(template, "is_conversation", None) is not None and template.is_conversation(records)
+    for i, rec in enumerate([] if conversations else records):  # conversations: checked when tokenized
         if template.answer_column not in rec:
             fix = ("pass --label-column COLUMN for labelled (classification) data, or a --template whose answer "
                    "field the data has" if not args.recipe else
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
               "training).", file=sys.stderr)
 
     model, tokenizer = load_model(args)
-    with _quiet("lorakit.data.tokenize"):
+    with _quiet("lorakit.data.tokenize"), _quiet("lorakit.data.chat"):
         data = tokenize_records(records, template, tokenizer, cfg.data.max_length)
     loss = heldout_loss(model, data.examples, Collator(tokenizer.pad_token_id), batch_size=cfg.eval.batch_size)
     used = f"{len(data.examples)} of {len(records)} records" if data.n_dropped else f"{len(records)} records"

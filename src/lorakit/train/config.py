@@ -49,7 +49,9 @@ class DataSection:
     eval_split: str = _f("test", "Split to read from `eval` when it is a hub dataset / datasets folder.")
     eval_fraction: float = _f(0.0, "Fraction of the training records held out for evaluation when `eval` is None "
                               "(0 = no held-out evaluation).")
-    template: str = _f("human_assistant", "Prompt template: human_assistant, classification, chat or alpaca.")
+    template: str = _f("human_assistant", "Prompt template: human_assistant, classification, chat or alpaca. chat "
+                       "also reads conversations (OpenAI `messages` / ShareGPT `conversations`; loss on every "
+                       "assistant reply).")
     template_args: dict = _f({}, "Template options, e.g. {text_column: 'Tweet text'} (classification also gets "
                              "label_column from data.label_column unless given here).")
     subset: Optional[str] = _f(None, "Hub dataset configuration / subset, e.g. twitter_complaints for ought/raft.")

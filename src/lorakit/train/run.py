@@ -215,6 +215,9 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, output_dir: str
     if not main:
         return RunOutputs(result=result, setup=setup, report=extra.last_report if extra is not None else None)
     setup.tokenizer.save_pretrained(result.adapter_dir or out)
+    from lorakit.data.chat_template import save_chat_template
+
+    save_chat_template(setup.tokenizer, result.adapter_dir or out)  # generate/chat/merge/export read it there
     merged_dir = None
     if cfg.output.merge:
         model = setup.model
