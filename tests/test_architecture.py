@@ -22,6 +22,7 @@ RANKS = {
     "lorakit.constants": 0,
     "lorakit.kernels": 1,
     "lorakit.config": 2,
+    "lorakit.peft_fields": 2,
     "lorakit.targets": 2,
     "lorakit.layers": 2,
     "lorakit.hf.quant": 2,

@@ -19,11 +19,11 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
 from .errors import ConfigError
+from .peft_fields import check_foreign_key
 
 __all__ = ["TaskType", "LoraConfig", "ALL_LINEAR", "CONFIG_NAME"]
 
@@ -45,34 +45,6 @@ class TaskType(str, enum.Enum):
     def __str__(self) -> str:  # json.dumps and f-strings show the bare value, like peft
         return self.value
 
-
-# peft writes these keys too. At these values they change nothing in a plain LoRA adapter, so
-# reading them is silent; any other value asks for a feature lorakit does not implement.
-_PEFT_NEUTRAL_KEYS: dict[str, tuple[Any, ...]] = {
-    "peft_type": ("LORA",),
-    "peft_version": (),  # any value
-    "auto_mapping": (),
-    "megatron_config": (None,),
-    "megatron_core": (),
-    "loftq_config": ({}, None),
-    "use_dora": (False, None),
-    "layer_replication": (None,),
-    "lora_bias": (False,),
-    "eva_config": (None,),
-    "corda_config": (None,),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None,),
-    "use_qalora": (False,),
-    "qalora_group_size": (),
-    "alora_invocation_tokens": (None,),
-    "arrow_config": (None,),
-    "ensure_weight_tying": (False, True),
-    "monteclora_config": (None,),
-    "kasa_config": (None,),
-    "lora_ga_config": (None,),
-    "velora_config": (None,),
-    "use_bdlora": (None, False),
-}
 
 StrOrNames = Union[str, tuple[str, ...], None]
 
@@ -184,6 +156,9 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     #: Per-module alpha overrides: {name or regex: alpha}.
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    #: DoRA (weight-decomposed LoRA): each output row's weight is rescaled to a trained magnitude,
+    #: ``W' = m * (W + s B A) / ||W + s B A||_row`` (norm detached, as peft); see ``layers.dora``.
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: set once, here)
@@ -196,7 +171,7 @@ class LoraConfig:
                     f"task_type={self.task_type!r} is unknown; use one of "
                     f"{', '.join(t.value for t in TaskType)} (or None)."
                 ) from None
-        for name in ("inference_mode", "fan_in_fan_out", "use_rslora"):
+        for name in ("inference_mode", "fan_in_fan_out", "use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False; got {getattr(self, name)!r}.")
         _positive_int("r", self.r)
@@ -275,26 +250,21 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LoraConfig":
-        """Build from an adapter_config.json mapping; unknown keys warn and are ignored."""
+        """Build from an adapter_config.json mapping.
+
+        A key that is not a field here loads when its value changes nothing (peft's default, null, false,
+        empty) and is refused, by name, otherwise (``lorakit.peft_fields``): a variant lorakit lacks is
+        never silently dropped.
+        """
+        from . import __version__
+
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs, unknown = {}, []
+        kwargs = {}
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value
-            elif key in _PEFT_NEUTRAL_KEYS:
-                allowed = _PEFT_NEUTRAL_KEYS[key]
-                if allowed and value not in allowed:
-                    raise ConfigError(
-                        f"adapter config sets {key}={value!r}, a peft feature lorakit does not implement; "
-                        f"only plain LoRA adapters ({key} in {list(allowed)!r}) can be loaded."
-                    )
             else:
-                unknown.append(key)
-        if unknown:
-            warnings.warn(
-                f"adapter config has keys this lorakit version does not know, ignored: {sorted(unknown)}",
-                stacklevel=2,
-            )
+                check_foreign_key(key, value, __version__, data.get("peft_version"))
         return cls(**kwargs)
 
     def save(self, directory: str | os.PathLike) -> str:
