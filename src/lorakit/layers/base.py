@@ -13,10 +13,20 @@ from torch import nn
 
 from ..errors import LoraError
 from ..hf.quant import is_quantized_weight
-from ..kernels import add_delta
 from .routing import BASE, current_rows
 
-__all__ = ["LoraLayer"]
+__all__ = ["LoraLayer", "add_delta"]
+
+
+def add_delta(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``result + delta`` as a new tensor, in the result's dtype.
+
+    A delta in a wider dtype (float32 adapters over a bf16/fp16 base) is added in that dtype and the sum
+    rounded once to the result's dtype, as peft does; rounding the delta first would round twice.
+    """
+    if delta.dtype == result.dtype:
+        return result + delta
+    return (result.to(delta.dtype) + delta).to(result.dtype)
 
 
 class LoraLayer(nn.Module):
@@ -150,12 +160,8 @@ class LoraLayer(nn.Module):
         return result
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``result`` plus the adapter's update for ``x``.
-
-        torch's own Linear/Embedding do not keep their output for backward, so the update goes in
-        place there (no new tensor); kinds with a fused kernel override this.
-        """
-        return add_delta(result, self._delta(name, x), self._inplace_ok)
+        """``result`` plus the adapter's update for ``x`` (the reference: ``base(x) + delta``)."""
+        return add_delta(result, self._delta(name, x))
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
         if self.merged_adapters:
@@ -166,7 +172,7 @@ class LoraLayer(nn.Module):
                 raise LoraError(f"adapter_names has {len(rows)} entries but the batch has {n} rows.")
             rows = tuple(r for r in rows for _ in range(n // len(rows)))  # beams / repeated rows
         if self._can_batch(rows):
-            return add_delta(result, self._batched_delta(x, rows), self._inplace_ok)
+            return add_delta(result, self._batched_delta(x, rows))
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(rows):
             groups.setdefault(name, []).append(i)

@@ -1,4 +1,11 @@
-"""LoRA around nn.Embedding: the update is a low-rank table, ``E + scaling * (B A)^T``."""
+"""LoRA around nn.Embedding: the update is a low-rank table.
+
+For token ids x, A [r, num_embeddings], B [embedding_dim, r] (PEFT's layout):
+
+    y = E[x] + scale * (A.T[x] @ B.T)          the merged table: E + scale * (B @ A).T
+
+``lora_embedding_delta`` is that update as plain torch; ``lora_embedding_weight`` the table merging adds.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,7 +14,20 @@ from torch.nn import functional as F
 
 from .base import LoraLayer
 
-__all__ = ["LoraEmbedding"]
+__all__ = ["LoraEmbedding", "lora_embedding_delta", "lora_embedding_weight"]
+
+
+def lora_embedding_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                         base: nn.Embedding) -> torch.Tensor:
+    """``scale * A.T[x] @ B.T``: the LoRA update for token ids ``x``, looked up as ``base`` looks up its table."""
+    after_a = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                          base.sparse)
+    return (after_a @ B.t()) * scale
+
+
+def lora_embedding_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * (B @ A).T`` [num_embeddings, embedding_dim] in float32: the rows ``lora_embedding_delta`` looks up."""
+    return (B.float() @ A.float()).t() * scale
 
 
 class LoraEmbedding(LoraLayer):
@@ -31,12 +51,8 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_B[name] = nn.Parameter(B)
 
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        after_a = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type,
-                              base.scale_grad_by_freq, base.sparse)
-        return (after_a @ B.t()) * self.scaling[name]
+        return lora_embedding_delta(x, self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name],
+                                    self.base_layer)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        A, B = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
-        return (B @ A).t() * self.scaling[name]
+        return lora_embedding_weight(self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name])

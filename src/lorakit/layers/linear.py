@@ -1,17 +1,43 @@
-"""LoRA around nn.Linear and transformers' Conv1D (GPT-2 family, weight stored as in x out)."""
+"""LoRA around nn.Linear and transformers' Conv1D (GPT-2 family, weight stored as in x out).
+
+The math (Hu et al. 2021, "LoRA", eq. 3), for x [..., in], A [r, in], B [out, r]:
+
+    y = base(x) + scale * B(A(dropout(x)))          scale = lora_alpha / r (or / sqrt(r): rsLoRA)
+
+``lora_linear_delta`` is that update as plain torch; ``lora_linear_weight`` is the same map as a
+matrix, scale * (B @ A), which merging adds into the base weight. Kernels (``lorakit.kernels``)
+may compute the update another way on the CPU; they are checked against these two functions.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from ..kernels import lora_add, lora_delta
-from ..kernels import fusion
+from ..kernels import fusion, lora_add
 from .base import LoraLayer
 from .routing import BASE, current_rows
 
-__all__ = ["LoraLinear"]
+__all__ = ["LoraLinear", "lora_linear_delta", "lora_linear_weight"]
+
+
+def lora_linear_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                      dropout: nn.Module | None = None) -> torch.Tensor:
+    """``scale * B(A(dropout(x)))``: the LoRA update of a linear layer for input ``x`` (a new tensor).
+
+    x is cast to the adapter's dtype first (float32 adapters over a half-precision base), as peft does.
+    """
+    x = x.to(A.dtype)
+    if dropout is not None:
+        x = dropout(x)
+    return F.linear(F.linear(x, A), B) * scale
+
+
+def lora_linear_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * (B @ A)`` [out, in] in float32: the matrix with ``lora_linear_delta(x) == x @ W.T`` (no dropout)."""
+    return (B.float() @ A.float()) * scale
 
 
 class LoraLinear(LoraLayer):
@@ -55,8 +81,8 @@ class LoraLinear(LoraLayer):
         self.lora_A[name], self.lora_B[name] = A, B
 
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return lora_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-                          self._dropout_of(name))
+        return lora_linear_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                                 self._dropout_of(name))
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         return lora_add(result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
@@ -94,7 +120,5 @@ class LoraLinear(LoraLayer):
         return delta.reshape(*x.shape[:-1], Bt.shape[-1])
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        A = self.lora_A[name].weight.float()
-        B = self.lora_B[name].weight.float()
-        delta = (B @ A) * self.scaling[name]
-        return delta.t() if self.fan_in_fan_out else delta
+        delta = lora_linear_weight(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        return delta.t() if self.fan_in_fan_out else delta  # Conv1D stores its weight as [in, out]
