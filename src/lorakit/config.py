@@ -81,8 +81,8 @@ def _names(field: str, value: Any, allow_regex: bool) -> StrOrNames:
                 f"names (e.g. ['q_proj', 'v_proj']) or a valid regex matched against full module names."
             ) from None
         return value
-    if isinstance(value, Iterable):
-        items = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    if isinstance(value, Iterable) and not isinstance(value, (Mapping, bytes)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else list(value)
         bad = [v for v in items if not isinstance(v, str) or not v]
         if bad:
             raise ConfigError(f"{field} must hold non-empty module names (strings); got {bad!r}.")
@@ -106,6 +106,53 @@ def _positive_number(field: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{field} must be a positive number (e.g. 16 or 32); got {value!r}.")
     return value
+
+
+def _optional_text(field: str, value: Any, example: str) -> str | None:
+    """A string field recorded in adapter_config.json (a path may be given as a PathLike)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise ConfigError(f"{field} must be a string (e.g. {example}) or None; got {type(value).__name__} {value!r}.")
+
+
+def _regex(field: str, key: str) -> None:
+    try:
+        re.compile(key)
+    except re.error as e:
+        raise ConfigError(f"{field} entry {key!r} is not a valid module name or regular expression ({e}); "
+                          f"use a module name such as 'q_proj' or a valid regex.") from None
+
+
+def _pattern(field: str, value: Any, check: Any) -> "FrozenDict":
+    """rank_pattern / alpha_pattern: a mapping of module names (or regexes) to values, each checked."""
+    if value is None:
+        return FrozenDict()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{field} must be a mapping of module name (or regex) to value, e.g. "
+                          f"{field}={{'q_proj': 16}}; got {type(value).__name__} {value!r}.")
+    out = {}
+    for key, v in value.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{field} keys must be module names (non-empty strings) or regexes; got {key!r}.")
+        _regex(field, key)
+        out[key] = check(f"{field}[{key!r}]", v)
+    return FrozenDict(out)
+
+
+def _layers_pattern(value: Any) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else value
+    if isinstance(names, (Mapping, bytes)) or not isinstance(names, Iterable):
+        raise ConfigError(f"layers_pattern must be the name of the model's layer list (e.g. 'layers' or 'h') or a "
+                          f"list of such names; got {type(value).__name__} {value!r}.")
+    names = tuple(names)
+    if not names or any(not isinstance(n, str) or not n for n in names):
+        raise ConfigError(f"layers_pattern must hold non-empty names of layer lists (e.g. 'layers' or 'h'); "
+                          f"got {value!r}.")
+    for n in names:
+        _regex("layers_pattern", n)
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +209,9 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: set once, here)
+        set_("base_model_name_or_path", _optional_text("base_model_name_or_path", self.base_model_name_or_path,
+                                                       "'HuggingFaceTB/SmolLM2-135M' or a model folder"))
+        set_("revision", _optional_text("revision", self.revision, "'main' or a commit hash"))
         if self.task_type is not None:
             try:
                 set_("task_type", TaskType(str(self.task_type).upper() if isinstance(self.task_type, str)
@@ -196,7 +246,7 @@ class LoraConfig:
         layers = self.layers_to_transform
         if layers is not None:
             layers = (layers,) if isinstance(layers, int) and not isinstance(layers, bool) else layers
-            if not isinstance(layers, Iterable) or isinstance(layers, str):
+            if not isinstance(layers, Iterable) or isinstance(layers, (str, bytes, Mapping)):
                 raise ConfigError(f"layers_to_transform must be an int or a list of ints; got {layers!r}.")
             layers = tuple(layers)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
@@ -210,18 +260,15 @@ class LoraConfig:
                 )
             set_("layers_to_transform", layers)
         if self.layers_pattern is not None:
+            _layers_pattern(self.layers_pattern)  # its type first: a wrong value is named as such
             if self.layers_to_transform is None:
                 raise ConfigError(
                     "layers_pattern only applies with layers_to_transform; set layers_to_transform too "
                     "(e.g. layers_to_transform=[0, 1], layers_pattern='layers')."
                 )
-            pat = self.layers_pattern
-            set_("layers_pattern", (pat,) if isinstance(pat, str) else tuple(pat))
-        rank_pattern = {str(k): _positive_int(f"rank_pattern[{k!r}]", v) for k, v in dict(self.rank_pattern or {}).items()}
-        alpha_pattern = {str(k): _positive_number(f"alpha_pattern[{k!r}]", v)
-                         for k, v in dict(self.alpha_pattern or {}).items()}
-        set_("rank_pattern", FrozenDict(rank_pattern))
-        set_("alpha_pattern", FrozenDict(alpha_pattern))
+            set_("layers_pattern", _layers_pattern(self.layers_pattern))
+        set_("rank_pattern", _pattern("rank_pattern", self.rank_pattern, _positive_int))
+        set_("alpha_pattern", _pattern("alpha_pattern", self.alpha_pattern, _positive_number))
 
     __hash__ = None  # holds mappings
 
@@ -268,14 +315,11 @@ class LoraConfig:
         return cls(**kwargs)
 
     def save(self, directory: str | os.PathLike) -> str:
-        """Write adapter_config.json into ``directory`` (atomically)."""
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, CONFIG_NAME)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
+        """Write adapter_config.json into ``directory`` (atomically: a fresh temp file renamed into place)."""
+        from .io import atomic_write_json
+
+        path = os.path.join(os.fspath(directory), CONFIG_NAME)
+        atomic_write_json(path, self.to_dict())
         return path
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
@@ -299,8 +343,10 @@ class LoraConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ConfigError(f"{path} is not valid JSON ({e}); the adapter folder is corrupt.") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {path} ({e.strerror or e}); check the file and its permissions.") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object; got {type(data).__name__}.")
         return cls.from_dict(data)

@@ -24,7 +24,7 @@ from .layers.routing import BASE, adapter_rows
 from .kernels import SharedDropout
 from .loss.fused_forward import fused_loss_applies, fused_loss_forward
 from .peft_format import adapter_state_dict, check_state_dict, peft_load_options, read_checked, save_adapter
-from .plan import AdapterPlan, check_new_adapter, plan_adapter, trained_biases
+from .plan import AdapterPlan, as_adapter_names, check_new_adapter, plan_adapter, trained_biases
 from .hf.quant import guard_cpu_4bit_training, is_quantized_model, stored_elements
 
 __all__ = ["LoraModel", "PeftModel", "get_peft_model"]
@@ -197,7 +197,7 @@ class LoraModel(PeftCompatMixin, nn.Module):
                      majority_sign_method=majority_sign_method)
 
     def _require(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
+        if not isinstance(adapter_name, str) or adapter_name not in self.peft_config:
             raise LoraError(f"no adapter named {adapter_name!r}; adapters: {list(self.peft_config) or 'none'}.")
 
     def _mark_trainable(self) -> None:
@@ -230,7 +230,7 @@ class LoraModel(PeftCompatMixin, nn.Module):
         """Switch training on (or off) for the named adapters' parameters, leaving the others as they are
         (peft's method: several adapters can train at once). ``set_adapter`` resets it to the active one."""
         self._check_live()
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = as_adapter_names(adapter_names, "adapter_names")
         for name in names:
             self._require(name)
         for name in names:
@@ -312,7 +312,7 @@ class LoraModel(PeftCompatMixin, nn.Module):
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active one) into the base weights; merging twice is a no-op."""
         self._check_live()
-        names = list(adapter_names or self.active_adapters)
+        names = as_adapter_names(adapter_names, "adapter_names") if adapter_names else list(self.active_adapters)
         for n in names:
             self._require(n)
         layers = [l for _, l in self.lora_layers()]
@@ -388,7 +388,8 @@ class LoraModel(PeftCompatMixin, nn.Module):
                         **_ignored) -> None:
         """Write PEFT-format adapter folders (the default adapter at the top, others in subfolders)."""
         self._check_live()
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        names = list(self.peft_config) if selected_adapters is None else \
+            as_adapter_names(selected_adapters, "selected_adapters")
         for name in names:
             self._require(name)
         for name in names:

@@ -13,16 +13,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterLoadError, ConfigError, LoraError
+from .io import UnreadableFile, atomic_save_tensors, load_plain_tensors
 from .plan import PEFT_PREFIX, plan_adapter
 
 __all__ = ["PICKLE_WEIGHTS_NAME", "WEIGHTS_NAME", "adapter_state_dict", "atomic_save_file", "check_state_dict", "peft_key",
@@ -35,18 +36,8 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    """safetensors save through a temp file in the same folder, then rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """safetensors save through a fresh temp file in the same folder, then rename (``io.atomic_save_tensors``)."""
+    atomic_save_tensors(tensors, path, metadata=metadata)
 
 
 def save_adapter(model, directory: str | os.PathLike, adapter_name: str) -> None:
@@ -101,9 +92,9 @@ def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tu
                 f"or convert it to {WEIGHTS_NAME}."
             )
         try:
-            weights = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise AdapterLoadError(f"{bin_path} could not be read as a tensor file ({e}).") from None
+            weights = load_plain_tensors(bin_path)
+        except UnreadableFile as e:
+            raise AdapterLoadError(f"{bin_path}: {e}; convert it to {WEIGHTS_NAME} from a source you trust.") from None
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise AdapterLoadError(f"{bin_path} does not hold a dict of tensors.")
     else:
@@ -252,15 +243,24 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, tu
     ``<head>.original_module.bias``, the untouched original) when ``<head>.<param>`` is expected with
     the same shape. Returns the entries to load.
     """
+    if not isinstance(state_dict, Mapping):
+        raise AdapterLoadError(f"{what}: expected a mapping of PEFT key -> tensor (as lora_state_dict() returns); "
+                               f"got {type(state_dict).__name__}. Nothing was changed.")
     clean: dict[str, torch.Tensor] = {}
-    unexpected, wrong = [], []
+    unexpected, wrong, not_float = [], [], []
     for key, value in state_dict.items():
-        if key not in expected:
-            if key.endswith(".base_layer.weight"):
+        if not isinstance(value, torch.Tensor):
+            not_float.append(f"{key!r} is a {type(value).__name__}, not a tensor")
+            continue
+        if not value.is_floating_point():  # an int/bool tensor cast to float would load silently wrong values
+            not_float.append(f"{key!r} has dtype {str(value.dtype).removeprefix('torch.')}")
+            continue
+        if not isinstance(key, str) or key not in expected:
+            if isinstance(key, str) and key.endswith(".base_layer.weight"):
                 continue
-            if _peft_wrapper_duplicate(key, value, expected):
+            if isinstance(key, str) and _peft_wrapper_duplicate(key, value, expected):
                 continue
-            unexpected.append(key)
+            unexpected.append(str(key))
             continue
         if tuple(value.shape) != tuple(expected[key]):
             wrong.append(f"{key}: file has {tuple(value.shape)}, model needs {tuple(expected[key])}")
@@ -268,6 +268,10 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, tu
         clean[key] = value
     missing = sorted(set(expected) - set(state_dict))
     problems = []
+    if not_float:
+        problems.append("adapter weights must be floating-point tensors (float32, bfloat16 or float16): "
+                        + "; ".join(not_float[:6]) + (f" ... ({len(not_float)} in all)" if len(not_float) > 6 else "")
+                        + ". The file is not a LoRA adapter, or it was damaged; save or download it again")
     if wrong:
         problems.append("shape mismatch (adapter made for another base model, or another r?): " + "; ".join(wrong[:6])
                         + (f" ... ({len(wrong)} in all)" if len(wrong) > 6 else ""))

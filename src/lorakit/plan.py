@@ -15,9 +15,9 @@ from .config import LoraConfig, TaskType
 from .errors import LoraError, TargetError
 from .layers import LoraLayer, ModulesToSave
 from .layers.routing import BASE
-from .targets import module_kind, pattern_value, select_targets
+from .targets import module_kind, pattern_value, select_targets, unmatched_pattern_keys
 
-__all__ = ["TargetSpec", "AdapterPlan", "check_new_adapter", "plan_adapter", "trained_biases", "plain_modules", "PEFT_PREFIX"]
+__all__ = ["TargetSpec", "AdapterPlan", "as_adapter_names", "check_new_adapter", "plan_adapter", "trained_biases", "plain_modules", "PEFT_PREFIX"]
 
 PEFT_PREFIX = "base_model.model."
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -167,6 +167,8 @@ def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | No
         model_name=type(model).__name__,
         strict=strict,
     )
+    if strict:
+        _check_patterns(config, names)
     targets = []
     for n in names:
         m, kind = by_name[n], kinds[n]
@@ -197,6 +199,30 @@ def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | No
             key = f"{n}.base_layer.bias" if n in wrapped_now else f"{n}.bias"
             bias_shapes[key] = tuple(b.shape)
     return AdapterPlan(config, tuple(targets), saved, saved_shapes, bias_shapes)
+
+
+def _check_patterns(config: LoraConfig, names: list[str]) -> None:
+    """A rank_pattern / alpha_pattern key that matches no targeted module changes nothing: a typo that would
+    leave every layer at the default (peft warns and ignores it; lorakit refuses, as for target_modules)."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    for field in ("rank_pattern", "alpha_pattern"):
+        missing = unmatched_pattern_keys(getattr(config, field), names)
+        if missing:
+            raise TargetError(
+                f"{field} keys {missing!r} match no targeted module, so they would change nothing. Targeted "
+                f"modules: {', '.join(leaves)} (e.g. {names[0]}). A key matches the end of a module path "
+                f"('q_proj', 'layers.0.self_attn.q_proj') or is a regex; fix the key, or add the module to "
+                f"target_modules.")
+
+
+def as_adapter_names(value, field: str) -> list:
+    """An argument naming adapters: one name or a list of names (each is checked by the caller)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return list(value)
+    raise LoraError(f"{field} must be an adapter name or a list of adapter names; got {type(value).__name__} "
+                    f"{value!r}.")
 
 
 def check_new_adapter(existing: dict[str, LoraConfig], adapter_name: str, config: LoraConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -22,6 +23,7 @@ __all__ = [
     "module_kind",
     "select_targets",
     "pattern_value",
+    "unmatched_pattern_keys",
     "WRAPPABLE_KINDS",
 ]
 
@@ -147,6 +149,53 @@ def _available(modules: Mapping[str, str]) -> str:
     return ", ".join(leaves) if leaves else "(none: the model has no Linear, Conv1D or Embedding module)"
 
 
+def _refuse_unmatched_entries(spec: Sequence[str], candidates: Sequence[str], modules: Mapping[str, str],
+                              model_name: str) -> None:
+    """Each listed name must match something: a typo is an error even when other names match."""
+    missing = [e for e in spec if not any(_name_matches(n, e) for n in candidates)]
+    if not missing:
+        return
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, k in modules.items() if k in WRAPPABLE_KINDS and n})
+    hints = {e: difflib.get_close_matches(e.rsplit(".", 1)[-1], leaves, n=3) for e in missing}
+    hint = "; ".join(f"did you mean {', '.join(map(repr, h))} for {e!r}?" for e, h in hints.items() if h)
+    raise TargetError(
+        f"target_modules {missing!r} match no module in {model_name}. "
+        f"Wrappable module names that exist: {_available(modules)}. " + (hint + " " if hint else "")
+        + "Names match the end of a module path (e.g. 'q_proj' or 'self_attn.q_proj')."
+    )
+
+
+def _refuse_saved_targets(spec: Sequence[str], saved_hits: Sequence[str]) -> None:
+    """A module named in target_modules that is also in modules_to_save would silently become a full trainable
+    copy without LoRA (what peft does); lorakit asks which of the two was meant."""
+    both = sorted({e for e in spec for n in saved_hits if _name_matches(n, e)})
+    if both:
+        raise TargetError(
+            f"{both!r} {'is' if len(both) == 1 else 'are'} in both target_modules and modules_to_save "
+            f"(e.g. {saved_hits[0]}). A module is either given a LoRA adapter (target_modules) or trained and saved "
+            f"in full (modules_to_save), not both; remove {both[0]!r} from one of the two lists.")
+
+
+def _check_layer_indices(config: LoraConfig, modules: Mapping[str, str], model_name: str) -> None:
+    """Every index in layers_to_transform must be a layer the model has (a 7 on a 2-layer model is a typo)."""
+    found = {_layer_index(n, config.layers_pattern) for n in modules if n}
+    found.discard(None)
+    missing = sorted(set(config.layers_to_transform) - found)
+    if not missing:
+        return
+    where = f" under layers_pattern={list(config.layers_pattern)}" if config.layers_pattern else ""
+    have = (f"layers 0 to {max(found)}" if found == set(range(max(found) + 1)) else f"layers {sorted(found)}") \
+        if found else "no numbered layers"
+    raise TargetError(
+        f"layers_to_transform={list(config.layers_to_transform)} names {missing} but {model_name} has {have}{where}; "
+        f"use indices of layers that exist" + (" (or fix layers_pattern)." if config.layers_pattern else "."))
+
+
+def unmatched_pattern_keys(patterns: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """Keys of a rank_pattern / alpha_pattern that match none of the module paths ``names``."""
+    return [k for k in patterns if not any(re.fullmatch(rf"(?:.*\.)?(?:{k})", n) for n in names)]
+
+
 def select_targets(
     modules: Mapping[str, str],
     config: LoraConfig,
@@ -180,22 +229,12 @@ def select_targets(
     else:
         candidates = [n for n in modules if n and _matches_any(n, spec)]
 
-    if explicit and strict and isinstance(spec, tuple):
-        # each listed name must match something: a typo is an error even when other names match
-        missing = [e for e in spec if not any(_name_matches(n, e) for n in candidates)]
-        if missing:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n, k in modules.items() if k in WRAPPABLE_KINDS and n})
-            hints = {e: difflib.get_close_matches(e.rsplit(".", 1)[-1], leaves, n=3) for e in missing}
-            hint = "; ".join(f"did you mean {', '.join(map(repr, h))} for {e!r}?" for e, h in hints.items() if h)
-            raise TargetError(
-                f"target_modules {missing!r} match no module in {model_name}. "
-                f"Wrappable module names that exist: {_available(modules)}. " + (hint + " " if hint else "")
-                + "Names match the end of a module path (e.g. 'q_proj' or 'self_attn.q_proj')."
-            )
-
     def saved(n: str) -> bool:
         return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in modules_to_save)
 
+    if explicit and strict and isinstance(spec, tuple):
+        _refuse_unmatched_entries(spec, candidates, modules, model_name)
+        _refuse_saved_targets(spec, [n for n in candidates if saved(n)])
     candidates = [n for n in candidates if not saved(n)]
     if config.exclude_modules is not None:
         candidates = [n for n in candidates if not _matches_any(n, config.exclude_modules)]
@@ -213,6 +252,8 @@ def select_targets(
 
     if config.layers_to_transform is not None:
         keep = set(config.layers_to_transform)
+        if strict:
+            _check_layer_indices(config, modules, model_name)
         candidates = [n for n in candidates if _layer_index(n, config.layers_pattern) in keep]
 
     if not candidates:

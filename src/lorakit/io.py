@@ -1,0 +1,213 @@
+"""Every file lorakit writes goes through here: atomic, never through a link, never under a fixed temp name.
+
+A write makes a fresh temp file in the target's own folder (``tempfile.mkstemp``: ``O_CREAT | O_EXCL``,
+mode 0600, a random name, so a link planted in advance cannot be followed), fills it, flushes it to disk
+and renames it over the target with ``os.replace`` (which replaces a link at the target instead of
+writing through it). A crash, a full disk or a read-only folder leaves the old file as it was and no
+temp file behind; a reader sees the old file or the new one, never a half-written one.
+
+Folders written by other libraries (``save_pretrained`` of a tokenizer or a model, matplotlib's
+``savefig``) are written the same way: into a fresh private temp folder, then moved into place.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_tensors",
+           "atomic_torch_save", "atomic_save_pretrained", "atomic_savefig", "private_temp_dir", "remove_temp_dirs",
+           "TEMP_PREFIX"]
+
+#: temp files and folders start with this, so a later run can recognise (and remove) leftovers of a killed one
+TEMP_PREFIX = ".tmp-"
+
+
+def _file_mode() -> int:
+    """The mode an ordinary ``open(path, 'w')`` would give (mkstemp makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a folder be opened / synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yield a fresh temp file's path next to ``path``; when the block ends without an error, the temp
+    file replaces ``path``. On any error (or interrupt) it is removed and ``path`` is unchanged.
+
+    For writers that take a file name (safetensors, torch.save). The temp file exists (empty, created with
+    O_EXCL) when the block starts, so nothing else can have put a link there.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, _file_mode())
+        with open(tmp, "rb") as f:  # the writer may not have synced: the rename must not outrun the data
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see the module docstring)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> None:
+    """JSON (UTF-8, strict: NaN/inf refused rather than written as invalid JSON) plus a newline."""
+    atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def atomic_save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written atomically (tensors moved to the CPU, made contiguous)."""
+    from safetensors.torch import save_file
+
+    plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(plain, tmp, metadata=metadata)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` written atomically (the reader loads it with ``weights_only=True``)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_savefig(fig: Any, path: str | os.PathLike, **kw: Any) -> None:
+    """matplotlib's ``savefig`` written atomically (the format from ``path``'s extension)."""
+    ext = os.path.splitext(os.fspath(path))[1].lstrip(".") or "png"
+    with atomic_path(path, suffix="." + ext) as tmp:
+        fig.savefig(tmp, format=ext, **kw)
+
+
+class UnreadableFile(ValueError):
+    """A file that cannot be read as asked: ``refused`` (it would need code to load) or damaged."""
+
+
+def load_plain_tensors(path: str | os.PathLike) -> Any:
+    """``torch.load`` restricted to plain data (tensors, numbers, strings, lists, dicts): no code runs.
+
+    A pickle that needs anything else is refused (``UnreadableFile("refused: not plain tensors ...")``),
+    never loaded with the protection off; a truncated or corrupt file is ``UnreadableFile("damaged ...")``.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise UnreadableFile(f"refused: not plain tensors ({os.fspath(path)} is a pickle that names Python code "
+                                 f"or objects to build; lorakit loads tensors and plain numbers only)") from None
+        raise UnreadableFile(f"damaged ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError, TypeError, IndexError) as e:
+        raise UnreadableFile(f"damaged ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def private_temp_dir(parent: str | os.PathLike, name: str) -> str:
+    """A fresh folder (mode 0700, random name starting with TEMP_PREFIX) inside ``parent``."""
+    parent = os.fspath(parent)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}.", dir=parent)
+
+
+def atomic_save_pretrained(save: Callable[[str], Any], directory: str | os.PathLike) -> None:
+    """Run ``save(folder)`` (e.g. ``tokenizer.save_pretrained``) into a private temp folder inside
+    ``directory``, then move each file it wrote into ``directory`` with ``os.replace``. Files already in
+    ``directory`` under other names stay; a link at a written name is replaced, never followed."""
+    directory = os.fspath(directory)
+    if os.path.islink(directory):
+        raise OSError(f"refusing to write through a symbolic link: {directory}")
+    tmp = private_temp_dir(directory, "save")
+    try:
+        save(tmp)
+        _move_tree(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(directory)
+
+
+def _move_tree(src: str, dst: str) -> None:
+    for entry in sorted(os.listdir(src)):
+        s, d = os.path.join(src, entry), os.path.join(dst, entry)
+        if os.path.isdir(s) and not os.path.islink(s):
+            if os.path.islink(d) or (os.path.exists(d) and not os.path.isdir(d)):
+                os.remove(d)
+            os.makedirs(d, exist_ok=True)
+            _move_tree(s, d)
+        else:
+            with open(s, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(s, _file_mode())
+            os.replace(s, d)
+
+
+def remove_temp_dirs(folder: str | os.PathLike) -> list[str]:
+    """Remove what killed writers left in ``folder``: entries named TEMP_PREFIX... (never followed if links).
+
+    Only call this on a folder one writer owns (a run's output or checkpoint folder at its start)."""
+    folder = os.fspath(folder)
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.startswith(TEMP_PREFIX):
+            continue
+        path = os.path.join(folder, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        removed.append(path)
+    return removed
