@@ -19,6 +19,7 @@ PKG = SRC / "lorakit"
 #: {loss, peft_format, plan, targets, config, layers} -> kernels, with errors/constants under everything.
 RANKS = {
     "lorakit.errors": 0,
+    "lorakit.io": 0,
     "lorakit.constants": 0,
     "lorakit.kernels": 1,
     "lorakit.config": 2,
