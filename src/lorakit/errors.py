@@ -25,5 +25,9 @@ class DataError(LoraError):
     """A dataset file or row is malformed."""
 
 
+class ExportError(LoraError):
+    """An adapter or model cannot be written in a runtime's format (llama.cpp, Ollama) as asked."""
+
+
 class TrainingError(RuntimeError):
     """Training had to stop (e.g. a NaN/inf loss)."""
