@@ -116,8 +116,13 @@ def test_bad_requests_are_refused_before_anything_changes():
         ours.add_weighted_adapter(["a", "b"], [1], "x")
     with pytest.raises(LoraError, match="one rank"):
         ours.add_weighted_adapter(["a", "b"], [1, 1], "x", combination_type="linear")
-    with pytest.raises(LoraError, match="not implemented in lorakit"):
-        ours.add_weighted_adapter(["a", "b"], [1, 1], "x", combination_type="ties", density=0.5)
+    with pytest.raises(LoraError, match="needs density"):
+        ours.add_weighted_adapter(["a", "b"], [1, 1], "x", combination_type="ties_svd")
+    with pytest.raises(LoraError, match="needs density"):
+        ours.add_weighted_adapter(["a", "b"], [1, 1], "x", combination_type="dare_linear_svd", density=1.5)
+    with pytest.raises(LoraError, match="majority_sign_method"):
+        ours.add_weighted_adapter(["a", "b"], [1, 1], "x", combination_type="ties_svd", density=0.5,
+                                  majority_sign_method="mean")
     with pytest.raises(LoraError, match="unknown combination_type"):
         ours.add_weighted_adapter(["a", "b"], [1, 1], "x", combination_type="average")
     assert set(ours.peft_config) == before
