@@ -48,7 +48,7 @@ def serve_dirs(tmp_path_factory, embedded_model_dir):
     tok = AutoTokenizer.from_pretrained(embedded_model_dir)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=320,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       tie_word_embeddings=True)
     model_dir = tmp / "model"
@@ -132,7 +132,7 @@ def loader(model_dir):
 def limits():
     from lorakit.serve.limits import ServeLimits
 
-    return ServeLimits(max_tokens=300, max_prompt_tokens=200, max_queue=6, max_batch=8, max_body_bytes=20_000)
+    return ServeLimits(max_tokens=300, max_prompt_tokens=300, max_queue=6, max_batch=8, max_body_bytes=20_000)
 
 
 @pytest.fixture(scope="session")

@@ -272,11 +272,11 @@ class Engine:
             tokens = next_tokens(logits, [j.sampling for j in jobs], [j.generator for j in jobs], self.top_k)
         except Exception as e:  # noqa: BLE001 - the batch is lost; every request in it is told so
             error = self._as_api_error(e)
-            for job in jobs:
-                job.emit(Failed(error))
             with self._cond:
                 self._active = []
             self._batch = BatchCache()
+            for job in jobs:
+                job.emit(Failed(error))
             return
         for job, token in zip(jobs, tokens):
             self._record(job, token)
