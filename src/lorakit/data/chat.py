@@ -25,7 +25,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
+from lorakit.constants import IGNORE_INDEX
 from lorakit.data.conversations import Turn, find_conversation_column, read_conversation
+from lorakit.data.examples import TokenizedDataset, bos_prefix
 from lorakit.data.readers import record_location
 from lorakit.errors import DataError
 
@@ -107,8 +109,6 @@ def _end_marker(turn: Turn, through: str) -> str:
 def encode_with_spans(tokenizer: Any, text: str, spans: Sequence[Span], bos: list[int]) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of ``text``: labels are the ids on tokens that overlap a span, else IGNORE_INDEX.
     ``bos``: the BOS the tokenizer would add by itself, put first unless the template wrote it."""
-    from lorakit.data.tokenize import IGNORE_INDEX
-
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     labels = []
@@ -157,13 +157,13 @@ def _fit(tokenizer: Any, turns: list[Turn], max_length: int, bos: list[int]) -> 
 
 
 def tokenize_conversations(records: Sequence[dict], template: Any, tokenizer: Any, max_length: int, *,
-                           name: str = ""):
+                           name: str = "") -> TokenizedDataset:
     """The ``chat`` template's path for conversation records; returns a :class:`TokenizedDataset` whose
     ``n_truncated`` counts conversations that lost turns (``n_turns_cut`` the exchanges cut in all)."""
-    from lorakit.data.tokenize import TokenizedDataset, _bos_prefix
-
     what = f"tokenize {name}" if name else "tokenize"
-    bos = _bos_prefix(tokenizer)
+    if not len(records):
+        raise DataError("no records to tokenize; the dataset is empty.")
+    bos = bos_prefix(tokenizer)
     examples, empty, too_long, reasons, first = [], [], [], {}, {}
     n_cut_convs = n_cut_turns = 0
     for i, rec in enumerate(records):

@@ -20,9 +20,11 @@ instruction and no input: ``template.empty_fields``) are dropped. Every cut and 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from lorakit.data.examples import TokenizedDataset
+from lorakit.data.examples import bos_prefix as _bos_prefix
+from lorakit.data.examples import join_bos as _join_bos
 from lorakit.data.prompts import PromptTemplate
 from lorakit.data.readers import record_location
 from lorakit.constants import IGNORE_INDEX
@@ -33,55 +35,6 @@ __all__ = ["TokenizedDataset", "tokenize_records", "encode_prompt", "encode_answ
 log = logging.getLogger(__name__)
 
 _TRUNCATION = ("middle", "left")
-
-
-@dataclass
-class TokenizedDataset:
-    """Tokenised examples ``{"input_ids": [...], "labels": [...]}`` plus what happened on the way.
-
-    ``n_truncated``: examples shortened to fit ``max_length`` (prompt, answer or both);
-    ``n_answer_truncated``: those of them whose answer's end was cut (no EOS then);
-    ``n_dropped``: records left out (with nothing to train on, or a whole-answer template's answer
-    could not fit); ``n_empty``: those of them left out for a null/blank answer, text or instruction;
-    ``dropped``: the record indices that were left out; ``n_turns_cut``: conversations only, the
-    user/assistant exchanges cut from their starts (see :mod:`lorakit.data.chat`). Indexable, so a
-    DataLoader can take it as is.
-    """
-
-    examples: list[dict]
-    n_truncated: int = 0
-    n_dropped: int = 0
-    dropped: list[int] = field(default_factory=list)
-    n_answer_truncated: int = 0
-    n_empty: int = 0
-    n_turns_cut: int = 0
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.examples[i]
-
-    def __iter__(self):
-        return iter(self.examples)
-
-    @property
-    def n_answer_tokens(self) -> int:
-        return sum(sum(1 for t in ex["labels"] if t != IGNORE_INDEX) for ex in self.examples)
-
-
-def _bos_prefix(tokenizer: Any) -> list[int]:
-    """[bos] when the tokenizer adds a BOS by itself (add_special_tokens=True), else []."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return [bos] if with_special[:1] == [bos] and plain[:1] != [bos] else []
-
-
-def _join_bos(bos: list[int], ids: list[int]) -> list[int]:
-    return ids if not bos or ids[:1] == bos else bos + ids
 
 
 def encode_prompt(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -137,29 +90,9 @@ def _example_location(records: Sequence[dict], i: int) -> str:
     return record_location(records[i], default)
 
 
-def tokenize_records(records: Sequence[dict], template: PromptTemplate, tokenizer: Any, max_length: int, *,
-                     add_eos: bool = True, truncation: str = "middle", name: str = "") -> TokenizedDataset:
-    """Render each record with ``template`` and tokenise it for causal-LM training (loss on the answer).
-
-    Every record must have the template's answer field (``template.answer_column``); records where it (or
-    another field the template needs, see ``empty_fields``) is null or blank are dropped with a warning.
-    ``truncation``: how a too-long prompt is cut, ``"middle"`` (default; keep the prompt's head and tail)
-    or ``"left"`` (keep BOS and the tail); a too-long answer then loses its end (see the module doc).
-    ``name`` (e.g. "train", "eval") goes into the warnings, to say which split they are about.
-    Conversation records (the ``chat`` template, see ``ChatTemplate.is_conversation``) take the multi-turn
-    path of :mod:`lorakit.data.chat`: loss on every assistant reply, whole turns cut when too long.
-    """
-    what = f"tokenize {name}" if name else "tokenize"
-    if not isinstance(max_length, int) or max_length < 2:
-        raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}.")
-    if truncation not in _TRUNCATION:
-        raise ConfigError(f"truncation must be one of {_TRUNCATION}, got {truncation!r}.")
-    if getattr(template, "is_conversation", None) is not None and template.is_conversation(records):
-        from lorakit.data.chat import tokenize_conversations
-
-        if not len(records):
-            raise DataError("no records to tokenize; the dataset is empty.")
-        return tokenize_conversations(records, template, tokenizer, max_length, name=name)
+def _render_records(records: Sequence[dict], template: PromptTemplate, tokenizer: Any, what: str):
+    """``(prompts, answers, kept, locations, empty)``: each record rendered, those with nothing to train on left
+    out (their indices in ``empty``, summed up in one warning); a record without the answer field is an error."""
     answer_key = getattr(template, "answer_recipe_key", "data.template_args.output_column")
     empty_fields = getattr(template, "empty_fields", None)
     prompts, answers, kept, locs = [], [], [], []
@@ -197,6 +130,32 @@ def tokenize_records(records: Sequence[dict], template: PromptTemplate, tokenize
         counts = ", ".join(f"{k} x{n}" for k, n in empty_counts.items())
         log.warning("%s: dropped %d of %d records with nothing to train on (null or blank: %s), e.g. %s; "
                     "fill those fields in or remove the records", what, len(empty), n_records, counts, first_empty)
+    return prompts, answers, kept, locs, empty
+
+
+def tokenize_records(records: Sequence[dict], template: PromptTemplate, tokenizer: Any, max_length: int, *,
+                     add_eos: bool = True, truncation: str = "middle", name: str = "") -> TokenizedDataset:
+    """Render each record with ``template`` and tokenise it for causal-LM training (loss on the answer).
+
+    Every record must have the template's answer field (``template.answer_column``); records where it (or
+    another field the template needs, see ``empty_fields``) is null or blank are dropped with a warning.
+    ``truncation``: how a too-long prompt is cut, ``"middle"`` (default; keep the prompt's head and tail)
+    or ``"left"`` (keep BOS and the tail); a too-long answer then loses its end (see the module doc).
+    ``name`` (e.g. "train", "eval") goes into the warnings, to say which split they are about.
+    Conversation records (the ``chat`` template, see ``ChatTemplate.is_conversation``) take the multi-turn
+    path of :mod:`lorakit.data.chat`: loss on every assistant reply, whole turns cut when too long.
+    """
+    what = f"tokenize {name}" if name else "tokenize"
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}.")
+    if truncation not in _TRUNCATION:
+        raise ConfigError(f"truncation must be one of {_TRUNCATION}, got {truncation!r}.")
+    if getattr(template, "is_conversation", None) is not None and template.is_conversation(records):
+        from lorakit.data.chat import tokenize_conversations
+
+        return tokenize_conversations(records, template, tokenizer, max_length, name=name)
+    prompts, answers, kept, locs, empty = _render_records(records, template, tokenizer, what)
+    n_records = len(records)
 
     bos = _bos_prefix(tokenizer)
     prompt_ids = encode_prompt(tokenizer, prompts)
