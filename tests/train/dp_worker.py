@@ -44,7 +44,8 @@ def main() -> None:
     res = loop.train_loop(model, tiny_examples(24), recording, cfg, out / "run", print_fn=lambda s: None)
     state = {k: v.contiguous() for k, v in model.lora_state_dict().items()}
     save_file(state, str(out / f"rank{rank}.safetensors"))
-    (out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "steps": res.steps, "loss": res.final_loss}))
+    (out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "steps": res.steps, "loss": res.final_loss,
+                                                          "fast_loss": res.fast_loss}))
 
 
 if __name__ == "__main__":

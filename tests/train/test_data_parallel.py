@@ -62,6 +62,8 @@ def test_two_processes_train_as_one_process_with_twice_the_accumulation(tmp_path
     single = json.loads((tmp_path / "single" / "rank0.json").read_text())
     assert r0["steps"] == r1["steps"] == single["steps"] == steps
     assert r0["loss"] == pytest.approx(single["loss"], rel=1e-4)
+    # one loss path for one process and many: the fast loss (head at answer positions only) in both
+    assert r0["fast_loss"] and r1["fast_loss"] and single["fast_loss"]
     # the two processes split the single run's batches between them (plus one do-nothing pass for each
     # step that had a batch for one process only); each trained on half of them
     both = Counter(map(tuple, r0["seen"] + r1["seen"]))
@@ -75,7 +77,7 @@ def test_two_processes_train_as_one_process_with_twice_the_accumulation(tmp_path
 
 
 def test_main_process_is_read_from_the_launchers_environment(monkeypatch):
-    from lorakit.train.loop import is_main_process
+    from lorakit.train.outputs import is_main_process
 
     for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
         monkeypatch.delenv(var, raising=False)

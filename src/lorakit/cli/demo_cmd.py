@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"zero-shot accuracy: {zero.accuracy:.1%} ({zero.n_invalid} of {zero.n} answers were not a label)")
 
     print("\n-- LoRA fine-tuning --", flush=True)
-    from lorakit.train.loop import RUN_OUTPUTS
+    from lorakit.train.outputs import RUN_OUTPUTS
 
     if any((Path(cfg.output.dir) / name).exists() for name in RUN_OUTPUTS):
         print(f"(replacing the previous demo run in {cfg.output.dir})")

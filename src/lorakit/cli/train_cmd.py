@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     # before the model load: where the outputs go, and what the model name points at
     check_output_dir(cfg.output.dir, "--output-dir" if args.output_dir else "output.dir")
     check_model_source(cfg.model.name, "model.name")
-    from lorakit.train.loop import is_main_process
+    from lorakit.train.outputs import is_main_process
     from lorakit.train.run import train
 
     if args.overwrite and args.resume:

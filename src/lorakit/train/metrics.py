@@ -43,6 +43,25 @@ class MetricsLog:
             self._tb.close()
 
 
+class NullLog:
+    """The metrics log of a process that writes nothing (not the main one of a data-parallel run)."""
+
+    path = None
+
+    def log(self, record: dict[str, Any], prefix: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def format_eval(step: int, metrics: dict[str, Any]) -> str:
+    """One line for the progress bar: ``[eval @ step 10] eval_loss=1.2345 ...``."""
+    parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+             if isinstance(v, (int, float))]
+    return f"[eval @ step {step}] " + " ".join(parts)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     out = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():

@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from lorakit.errors import ConfigError, DataError
 from lorakit.train.config import TrainConfig
-from lorakit.train.loop import TrainResult, clear_for_new_run, is_main_process, train_loop
+from lorakit.train.loop import TrainResult, train_loop
+from lorakit.train.outputs import clear_for_new_run, is_main_process
 
 BUILTIN_PREFIX = "builtin:"
 
