@@ -131,7 +131,7 @@ def main() -> None:
     from lorakit.eval import classification_eval
     from lorakit.models import load_model_and_tokenizer
     from lorakit.train.recipe import load_recipe
-    from lorakit.train.run import make_template
+    from lorakit.data.selection import make_template
 
     overrides = ["model=embedded", f"data.train={args.data}", "data.eval_fraction=0", f"train.epochs={args.epochs}",
                  f"train.lr={args.lr}", f"train.seed={args.seed}", f"lora.target_modules={args.targets}",
@@ -144,7 +144,7 @@ def main() -> None:
 
     base, tok = load_model_and_tokenizer("embedded")
     base.config.use_cache = False
-    template = make_template(cfg)
+    template = make_template(cfg.data)
     records = list(load_records(args.data, label_column=cfg.data.label_column,
                                 label_names=list(cfg.data.label_names) or None))[:args.rows]
     labels = tuple(cfg.data.label_names)

@@ -27,7 +27,7 @@ def write_recipe(tmp_path, model_dir, data_file, **data):
 
 @pytest.fixture
 def demo_rows(tmp_path):
-    from lorakit.train.run import resolve_source
+    from lorakit.data.selection import resolve_source
 
     rows = [json.loads(l) for l in Path(resolve_source(DEMO_TEST)).read_text().splitlines()[:16]]
     path = tmp_path / "rows.jsonl"
@@ -89,7 +89,7 @@ def test_eval_text_label_and_the_help_example(tiny_model_dir):
     from lorakit.cli import eval_cmd
     from lorakit.cli.main import build_parser
     from lorakit.train.recipe import load_recipe
-    from lorakit.train.run import make_template
+    from lorakit.data.selection import make_template
 
     lines = eval_cmd.DESCRIPTION.split("examples:")[1].replace("\\\n", " ").splitlines()
     example = next(l for l in lines if "--data" in l).split("#")[0]
@@ -97,8 +97,8 @@ def test_eval_text_label_and_the_help_example(tiny_model_dir):
     eval_cmd._check_options(args)
     cfg = eval_cmd._load_config(args)
     record = {"text": "my card was charged twice", "label": "billing"}
-    demo = make_template(load_recipe("demo")).render(record)
-    assert make_template(cfg).render(record) == demo
+    demo = make_template(load_recipe("demo").data).render(record)
+    assert make_template(cfg.data).render(record) == demo
     assert demo[0].startswith("Ticket : ")
     # with a recipe, --text-column is merged into its template_args (its text_label stays)
     args = build_parser().parse_args(["eval", "demo", "--text-column", "body"])

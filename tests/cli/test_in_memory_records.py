@@ -3,10 +3,16 @@ import pytest
 
 from lorakit.errors import DataError
 from lorakit.train.recipe import load_recipe
-from lorakit.train.run import load_data, prepare, train
+from lorakit.data.selection import recipe_records
+from lorakit.train.run import prepare, train
 
 ROWS = [{"Tweet text": f"my parcel {i} never came, again" if i % 3 == 0 else f"lovely morning number {i}",
          "Label": 1 if i % 3 == 0 else 2, "ID": i} for i in range(12)]
+
+
+def load_data(cfg, **kw):
+    """The records a recipe trains and evaluates on, as ``prepare`` selects them."""
+    return recipe_records(cfg.data, cfg.train.seed, need_labels=cfg.wants_accuracy, **kw)
 
 
 def _cfg(model_dir, *extra):

@@ -31,7 +31,7 @@ def test_test_conversations_are_about_items_and_orders_training_never_saw():
 
 def test_every_conversation_fits_the_recipe_whole(tokenizer):
     cfg = load_recipe("chat_sft")
-    from lorakit.train.run import resolve_source
+    from lorakit.data.selection import resolve_source
 
     for source, n in ((cfg.data.train, mk.N_TRAIN), (cfg.data.eval, mk.N_TEST)):
         data = tokenize_records(load_records(resolve_source(source)), get_template("chat"), tokenizer,

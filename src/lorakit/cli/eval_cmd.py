@@ -119,12 +119,13 @@ def _select_records(cfg) -> tuple[list, tuple, str, bool, int]:
     """(records, labels, where they come from, whether they are training records, records available)."""
     import dataclasses
 
-    from lorakit.train.run import sample_records, load_data
+    from lorakit.data.selection import recipe_records, sample_records
 
     d = cfg.data
     held_out = bool(d.eval) or d.eval_fraction > 0
-    everything = dataclasses.replace(cfg, data=dataclasses.replace(d, max_eval_samples=None))
-    train_records, eval_records, labels = load_data(everything, train=not held_out)
+    everything = dataclasses.replace(d, max_eval_samples=None)
+    train_records, eval_records, labels = recipe_records(everything, cfg.train.seed, need_labels=cfg.wants_accuracy,
+                                                         train=not held_out)
     if d.eval:
         where = f"{d.eval}"
         pool = eval_records
@@ -172,13 +173,13 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.cli.common import check_model_inputs, load_model
     from lorakit.data import Collator, tokenize_records
     from lorakit.eval import heldout_loss
-    from lorakit.train.run import make_template
+    from lorakit.data.selection import make_template
 
     name = check_model_inputs(args)  # device, adapter folder, model folder: before the slow parts
     records, labels, where, on_train, available = _select_records(cfg)
     if not records:
         raise ConfigError("no records to evaluate: set data.eval (or --data), or data.eval_fraction > 0")
-    template = make_template(cfg)
+    template = make_template(cfg.data)
     conversations = getattr(template, "is_conversation", None) is not None and template.is_conversation(records)
     for i, rec in enumerate([] if conversations else records):  # conversations: checked when tokenized
         if template.answer_column not in rec:

@@ -7,30 +7,14 @@ resolved recipe, loss plot).
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from lorakit.errors import ConfigError, DataError
+from lorakit.errors import DataError
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import TrainResult, train_loop
 from lorakit.train.outputs import clear_for_new_run, is_main_process
-
-BUILTIN_PREFIX = "builtin:"
-
-
-def resolve_source(source: str) -> str:
-    """`builtin:NAME` -> the file shipped in lorakit/data/builtin; anything else unchanged."""
-    if not source.startswith(BUILTIN_PREFIX):
-        return source
-    import lorakit.data.builtin as builtin
-
-    path = Path(builtin.__file__).resolve().parent / source[len(BUILTIN_PREFIX):]
-    if not path.is_file():
-        shipped = sorted(p.name for p in path.parent.glob("*.json*"))
-        raise DataError(f"{source}: no such built-in data file; built-in files: {shipped}")
-    return str(path)
 
 
 @dataclass
@@ -76,83 +60,22 @@ def lora_config(cfg: TrainConfig):
                       base_model_name_or_path=cfg.model.name)
 
 
-def make_template(cfg: TrainConfig):
-    from lorakit.data import get_template
-
-    kw = dict(cfg.data.template_args)
-    if cfg.data.template == "classification" and cfg.data.label_column and "label_column" not in kw:
-        kw["label_column"] = cfg.data.label_column
-    return get_template(cfg.data.template, **kw)
-
-
-def sample_records(records: list, n: Optional[int], seed: int) -> list:
-    """``n`` of ``records`` drawn with ``seed``, in their original order (all of them when n is None or too big)."""
-    if n is None or n >= len(records):
-        return records
-    idx = sorted(random.Random(seed).sample(range(len(records)), n))
-    return [records[i] for i in idx]
-
-
-def load_data(cfg: TrainConfig, train: bool = True, records: Optional[Sequence[dict]] = None,
-              eval_records: Optional[Sequence[dict]] = None) -> tuple[list, list, tuple]:
-    """(train records, eval records, label names) as the recipe describes them.
-
-    ``records`` / ``eval_records``: lists of dicts already in memory, used in place of ``data.train`` /
-    ``data.eval`` (checked and label-normalised as files are; e.g. the folds of a cross-validation).
-    Everything else of ``cfg.data`` (columns, labels, eval_fraction, max_*_samples) applies as usual.
-    """
-    from lorakit.data import load_records
-
-    d = cfg.data
-    if records is None and eval_records is None and not d.train and not d.eval:
-        raise ConfigError("data.train is empty; set it in the recipe or with --set data.train=PATH")
-    kw = dict(columns=list(d.columns) if d.columns else None, label_column=d.label_column,
-              label_names=list(d.label_names) if d.label_names else None, subset=d.subset)
-    train_records: list = []
-    if records is not None:
-        train_records = list(load_records(list(records), **kw))
-    elif d.train and (train or not (d.eval or eval_records is not None)):
-        train_records = list(load_records(resolve_source(d.train), split=d.train_split, **kw))
-    if eval_records is not None:
-        # an empty list means "no held-out set", as eval_fraction=0 does
-        eval_records = list(load_records(list(eval_records), **kw)) if len(eval_records) else []
-    elif d.eval:
-        eval_records = list(load_records(resolve_source(d.eval), split=d.eval_split, **kw))
-    elif d.eval_fraction > 0 and train_records:
-        order = list(range(len(train_records)))
-        random.Random(cfg.train.seed).shuffle(order)
-        n_eval = max(1, round(d.eval_fraction * len(order)))
-        held = set(order[:n_eval])
-        eval_records = [train_records[i] for i in sorted(held)]
-        train_records = [r for i, r in enumerate(train_records) if i not in held]
-    else:
-        eval_records = []
-    labels = tuple(d.label_names)
-    if not labels and d.label_column:  # from all records, before any subsetting
-        seen = [r.get(d.label_column) for r in train_records + eval_records]
-        labels = tuple(sorted({str(v) for v in seen if v is not None}))
-    train_records = sample_records(train_records, d.max_train_samples, cfg.train.seed)
-    eval_records = sample_records(eval_records, d.max_eval_samples, cfg.train.seed + 1)
-    if cfg.wants_accuracy and not labels:
-        raise ConfigError("accuracy needs the label set: set data.label_column (and data.label_names), or "
-                          "--set eval.accuracy=false")
-    return train_records, eval_records, labels
-
-
 def prepare(cfg: TrainConfig, *, with_lora: bool = True, print_fn: Callable[[str], None] = print,
             records: Optional[Sequence[dict]] = None, eval_records: Optional[Sequence[dict]] = None) -> Setup:
     """Model, tokenizer, template and tokenized data for ``cfg``; ``records`` / ``eval_records`` (lists of
-    dicts in memory) replace the recipe's data files (see ``load_data``)."""
+    dicts in memory) replace the recipe's data files (see ``lorakit.data.selection.recipe_records``)."""
     import torch
 
     from lorakit.data import Collator, tokenize_records
+    from lorakit.data.selection import make_template, recipe_records
 
-    train_records, eval_records, labels = load_data(cfg, records=records, eval_records=eval_records)
+    train_records, eval_records, labels = recipe_records(cfg.data, cfg.train.seed, need_labels=cfg.wants_accuracy,
+                                                         records=records, eval_records=eval_records)
     if not train_records:
         where = "the records passed in" if records is not None else repr(cfg.data.train)
         raise DataError(f"no training records in {where}")
     model, tokenizer = load_base(cfg)
-    template = make_template(cfg)
+    template = make_template(cfg.data)
     notes: list = []  # tokenize_records warns about truncated / dropped examples itself, naming the split
     train_data = tokenize_records(train_records, template, tokenizer, cfg.data.max_length, name="train")
     eval_data = (tokenize_records(eval_records, template, tokenizer, cfg.data.max_length, name="eval")
