@@ -161,7 +161,8 @@ class Engine:
             self.model, self.tokenizer = self._load()
             self._prepare()
         except Exception as e:  # noqa: BLE001 - reported to the operator and to every later request
-            log.exception("lorakit serve: loading the model failed")
+            if not isinstance(e, LoraError):  # a bug, not a bad input: keep its traceback in the log
+                log.exception("lorakit serve: loading the model failed")
             self.failure = str(e) if isinstance(e, LoraError) else f"{type(e).__name__}: {e}"
             self.state = "failed"
             if self._on_failure:
