@@ -77,6 +77,7 @@ class LoraSection:
                                          "family's default.")
     bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases to train.")
     use_rslora: bool = _f(False, "Scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA).")
+    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (a trained magnitude per output row).")
     modules_to_save: Optional[tuple] = _f(None, "Modules trained in full and saved with the adapter (e.g. a new head).")
 
 
@@ -91,6 +92,9 @@ class TrainSection:
     lr: float = _f(2e-4, "Peak learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     betas: tuple = _f((0.9, 0.999), "AdamW betas.")
+    loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+: lora_B (and DoRA magnitudes) learn at this multiple of "
+                                            "`lr` (2-16 in the paper; lower `lr` a little); None = plain LoRA.")
+    loraplus_lr_embedding: float = _f(1e-6, "LoRA+: learning rate of embedding LoRA layers (peft's default).")
     scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "Learning-rate decay after warm-up.")
     warmup_steps: int = _f(0, "Linear warm-up steps (takes precedence over warmup_ratio when > 0).")
     warmup_ratio: float = _f(0.0, "Warm-up as a fraction of the total steps.")
@@ -155,6 +159,9 @@ class TrainConfig:
                                                 and 0.0 <= b < 1.0 for b in self.train.betas),
              "train.betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
             (self.train.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+            (self.train.loraplus_lr_ratio is None or self.train.loraplus_lr_ratio > 0, "train.loraplus_lr_ratio",
+             "must be > 0 or null"),
+            (self.train.loraplus_lr_embedding > 0, "train.loraplus_lr_embedding", "must be > 0"),
             (self.train.max_grad_norm is None or self.train.max_grad_norm > 0, "train.max_grad_norm",
              "must be > 0 or null"),
             (self.train.log_every >= 1, "train.log_every", "must be >= 1"),
