@@ -36,7 +36,6 @@ RANKS = {
     "lorakit.loss": 3,
     "lorakit.peft_format": 3,
     "lorakit.optim": 3,
-    "lorakit.optim": 3,
     "lorakit.combine": 3,
     "lorakit.merging": 2,
     "lorakit.status": 3,
