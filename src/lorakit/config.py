@@ -20,6 +20,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, Union
 
 from .errors import ConfigError
@@ -350,3 +351,9 @@ class LoraConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object; got {type(data).__name__}.")
         return cls.from_dict(data)
+
+
+#: LoraConfig's defaults, field name -> value: the one table of LoRA defaults. A recipe's ``lora`` section
+#: and ``lorakit inspect`` take theirs from it; a shipped recipe that chooses other values says so.
+LORA_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {f.name: f.default for f in dataclasses.fields(LoraConfig) if f.default is not dataclasses.MISSING})

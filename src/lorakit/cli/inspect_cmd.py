@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.config import LORA_DEFAULTS  # the dry run's r and alpha: LoraConfig's defaults
+
 HELP = "dry run on a model (what LoRA would wrap) or describe / check a saved adapter"
 DESCRIPTION = """Three uses:
 
-  lorakit inspect --model M [--targets q_proj v_proj] [--r 8] [--alpha 16]
+  lorakit inspect --model M [--targets q_proj v_proj] [--r R] [--alpha A]
       dry run: the modules LoRA would wrap, the family's default targets, trainable parameters and a
       memory estimate. The model is loaded but not changed.
   lorakit inspect ADAPTER_DIR
@@ -16,8 +18,6 @@ DESCRIPTION = """Three uses:
   lorakit inspect ADAPTER_DIR --model M
       the same, then the adapter is loaded onto M to check that it fits (names and shapes)."""
 
-_DRY_RUN_DEFAULTS = {"r": 8, "alpha": 16.0}
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter_dir", nargs="?", help="a saved adapter folder to describe.")
@@ -25,8 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "local folder, hub id, or `embedded`.")
     p.add_argument("--targets", nargs="+", help="dry run: target module names, a regex, or all-linear "
                                                 "(default: the family's default).")
-    p.add_argument("--r", type=int, default=None, help="dry run: LoRA rank (default 8).")
-    p.add_argument("--alpha", type=float, default=None, help="dry run: LoRA alpha (default 16).")
+    p.add_argument("--r", type=int, default=None, help=f"dry run: LoRA rank (default {LORA_DEFAULTS['r']}).")
+    p.add_argument("--alpha", type=float, default=None,
+                   help=f"dry run: LoRA alpha (default {LORA_DEFAULTS['lora_alpha']:g}).")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub.")
 
 
@@ -98,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
         return _check_against_model(args)
     if not args.model:
         raise ConfigError("inspect needs --model M (dry run) or an ADAPTER_DIR to describe")
-    r = _DRY_RUN_DEFAULTS["r"] if args.r is None else args.r
-    alpha = _DRY_RUN_DEFAULTS["alpha"] if args.alpha is None else args.alpha
+    r = LORA_DEFAULTS["r"] if args.r is None else args.r
+    alpha = LORA_DEFAULTS["lora_alpha"] if args.alpha is None else args.alpha
     if r < 1:
         raise ConfigError(f"--r must be >= 1, got {r}")
     from lorakit import LoraConfig, TaskType, dry_run

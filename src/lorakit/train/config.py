@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from lorakit.config import LORA_DEFAULTS
 from lorakit.errors import ConfigError
 
 
@@ -68,15 +69,16 @@ class DataSection:
 
 @dataclass(frozen=True)
 class LoraSection:
-    """The adapter; mapped one to one onto `lorakit.LoraConfig`."""
+    """The adapter; mapped one to one onto `lorakit.LoraConfig`, whose defaults it shares (LORA_DEFAULTS)."""
 
-    r: int = _f(8, "LoRA rank.")
-    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r.")
-    dropout: float = _f(0.05, "Dropout on the LoRA branch input.")
+    r: int = _f(LORA_DEFAULTS["r"], "LoRA rank.")
+    alpha: float = _f(float(LORA_DEFAULTS["lora_alpha"]), "LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = _f(LORA_DEFAULTS["lora_dropout"], "Dropout on the LoRA branch input.")
     target_modules: Optional[tuple] = _f(None, "Module names (or 'all-linear') to adapt; None = the model "
                                          "family's default.")
-    bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases to train.")
-    use_rslora: bool = _f(False, "Scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA).")
+    bias: Literal["none", "all", "lora_only"] = _f(LORA_DEFAULTS["bias"], "Which biases to train.")
+    use_rslora: bool = _f(LORA_DEFAULTS["use_rslora"], "Scale by alpha / sqrt(r) instead of alpha / r "
+                          "(rank-stabilised LoRA).")
     use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (a trained magnitude per output row).")
     modules_to_save: Optional[tuple] = _f(None, "Modules trained in full and saved with the adapter (e.g. a new head).")
 
