@@ -104,3 +104,52 @@ def test_evaluating_a_4bit_model_between_steps_keeps_gradients_and_weights(tiny_
             torch.testing.assert_close(other[n], g, rtol=1e-4, atol=1e-6, msg=f"{n} eval_first={eval_first}")
         for k, v in weights.items():
             assert torch.equal(other_weights[k], v), k
+
+
+def _packed_by_an_eval_forward(tiny_dir):
+    """A 4-bit model run once in eval mode without grad: bitsandbytes repacks its layers for the CPU kernel."""
+    from lorakit.hf import quant
+
+    model = _load4bit(tiny_dir)
+    model.eval()
+    with torch.no_grad():
+        model(ids())
+    packed = [m for m in model.modules() if quant._is_packed(getattr(m, "weight", None))]
+    if not packed:
+        pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU (no AVX512-BF16): nothing to unpack")
+    return model, packed
+
+
+def test_unpacking_without_bitsandbytes_private_inverse_gives_the_same_weights(tiny_dir, monkeypatch):
+    # bitsandbytes' _convert_weight_packed_for_cpu_inverse is private: without it, its public state_dict()
+    # path unpacks the weights, to the same bytes
+    from lorakit.hf import quant
+
+    assert quant._bnb_unpack_function() is not None  # this bitsandbytes has it: the first model uses it
+    with_private, packed = _packed_by_an_eval_forward(tiny_dir)
+    with pytest.warns(UserWarning, match=f"{len(packed)} 4-bit layers had been repacked"):
+        quant.guard_cpu_4bit_training(with_private)
+    monkeypatch.setattr(quant, "_bnb_unpack_function", lambda: None)
+    public, _ = _packed_by_an_eval_forward(tiny_dir)
+    calls = []
+    monkeypatch.setattr(type(packed[0]), "state_dict", lambda self, *a, **k: calls.append(1) or
+                        torch.nn.Module.state_dict(self, *a, **k))
+    with pytest.warns(UserWarning, match=f"{len(packed)} 4-bit layers had been repacked"):
+        quant.guard_cpu_4bit_training(public)
+    assert len(calls) == len(packed)  # the fallback ran for every packed layer
+    for (name, a), b in zip(with_private.named_modules(), public.modules()):
+        if quant.quantized_kind(getattr(a, "weight", None)) == "bnb 4bit":
+            assert not quant._is_packed(a.weight) and not quant._is_packed(b.weight), name
+            assert torch.equal(a.weight.data, b.weight.data), name
+            assert torch.equal(a.weight.quant_state.absmax, b.weight.quant_state.absmax), name
+
+
+def test_a_packed_weight_that_cannot_be_unpacked_is_refused(tiny_dir, monkeypatch):
+    from lorakit.hf import quant
+
+    model, packed = _packed_by_an_eval_forward(tiny_dir)
+    monkeypatch.setattr(quant, "_bnb_unpack_function", lambda: None)
+    # a bitsandbytes whose save path keeps the packed layout: no way back to the training layout
+    monkeypatch.setattr(type(packed[0]), "_save_to_state_dict", torch.nn.Module._save_to_state_dict)
+    with pytest.raises(LoraError, match="cannot unpack it; load the model again and wrap it"):
+        quant.guard_cpu_4bit_training(model)

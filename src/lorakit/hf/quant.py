@@ -93,11 +93,8 @@ def guard_cpu_4bit_training(model: nn.Module) -> int:
         n += 1
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-        state = getattr(weight, "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        if _is_packed(weight):
+            _unpack(module, weight)
             repacked += 1
     if repacked:
         import warnings
@@ -107,6 +104,43 @@ def guard_cpu_4bit_training(model: nn.Module) -> int:
                       "their quantisation state slightly. Wrap the model before evaluating it to avoid this.",
                       stacklevel=3)
     return n
+
+
+def _is_packed(weight) -> bool:
+    """Is this 4-bit weight in bitsandbytes' CPU inference layout?"""
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def _bnb_unpack_function():
+    """bitsandbytes' own inverse of its CPU repacking, or None: a private function, looked up rather
+    than assumed (other versions may lack it or name it differently)."""
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:
+        return None
+    return _convert_weight_packed_for_cpu_inverse
+
+
+def _unpack(module: nn.Module, weight) -> None:
+    """Put ``module``'s 4-bit weight back into the plain quantized layout, in place.
+
+    Through bitsandbytes' private inverse when this version has it; otherwise through the public
+    ``module.state_dict()``, whose save path unpacks the weight first (bitsandbytes saves the plain
+    layout). A weight still packed after that is refused: training through it gives wrong gradients.
+    """
+    unpack = _bnb_unpack_function()
+    if unpack is not None:
+        weight.data, weight.quant_state = unpack(weight.data, weight.quant_state)
+    else:
+        import logging
+
+        logging.getLogger(__name__).info("bitsandbytes has no _convert_weight_packed_for_cpu_inverse; "
+                                         "unpacking 4-bit CPU weights through state_dict() instead")
+        module.state_dict()
+    if _is_packed(getattr(module, "weight", weight)):
+        raise LoraError(f"a 4-bit {type(module).__name__} was repacked by bitsandbytes for CPU inference (the model "
+                        "ran in eval mode before lorakit wrapped it) and this bitsandbytes version cannot unpack it; "
+                        "load the model again and wrap it with get_peft_model before evaluating it.")
 
 
 def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
