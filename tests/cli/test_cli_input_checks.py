@@ -129,7 +129,10 @@ def test_os_errors_become_one_line(monkeypatch, capsys):
         raise RuntimeError("a real bug")
 
     monkeypatch.setattr(inspect_cmd, "run", bug)
-    with pytest.raises(RuntimeError, match="a real bug"):  # bugs keep their traceback
+    err = err_of(["inspect", "whatever"], capsys)  # a bug: one line that says so, how to report it, how to see more
+    assert err.count("\n") == 1 and "internal error: RuntimeError: a real bug" in err and "LORAKIT_DEBUG=1" in err
+    monkeypatch.setenv("LORAKIT_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="a real bug"):  # LORAKIT_DEBUG=1: the traceback
         main(["inspect", "whatever"])
 
 def test_system_without_chat(tiny_model_dir, capsys, no_model_load):

@@ -37,8 +37,9 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lorakit.cli.common import generate_text, load_model
+    from lorakit.cli.common import check_sampling_args, generate_text, load_model
 
+    check_sampling_args(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args)
     chat_ids(tokenizer, [{"role": "user", "content": "hi"}])  # fail early without a chat template

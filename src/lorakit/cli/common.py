@@ -258,3 +258,23 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="sampling temperature; 0 (default) = greedy decoding.")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling cut-off when temperature > 0.")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling.")
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """--max-new-tokens, --temperature, --top-p and --seed, checked before any model load (ConfigError)."""
+    import math
+
+    from lorakit.errors import ConfigError
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}; e.g. --max-new-tokens 64")
+    t = args.temperature
+    if not math.isfinite(t) or t < 0:
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0 = greedy decoding, e.g. 0.7 to sample), "
+                          f"got {t}")
+    p = args.top_p
+    if not math.isfinite(p) or not 0 < p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1] (the share of probability mass kept when sampling, e.g. 0.9), "
+                          f"got {p}")
+    if not -2**63 <= args.seed < 2**64:
+        raise ConfigError(f"--seed must fit in 64 bits (e.g. --seed 0), got {args.seed}")

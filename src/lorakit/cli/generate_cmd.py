@@ -38,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
             which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
             raise ConfigError(f"{which} is empty; give the text to complete, e.g. --prompt \"Ticket : my card was "
                               f"charged twice Label : \"")
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    from lorakit.cli.common import check_sampling_args
+
+    check_sampling_args(args)
     if args.system is not None and not args.chat:
         raise ConfigError("--system only applies with --chat (a plain completion has no system message); add "
                           "--chat, or write the instructions into the prompt")

@@ -71,13 +71,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:
-        # A file-system failure (permission, disk full, a path through a file, ...): one line naming the
-        # path, no traceback. Other exceptions are bugs and keep their traceback.
+        # A file-system failure (permission, disk full, a path through a file, ...): one line naming the path.
         print(f"lorakit {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last resort: an input no check foresaw, i.e. a lorakit bug
+        import os
+
+        if os.environ.get("LORAKIT_DEBUG", "").strip() not in ("", "0"):
+            raise
+        what = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"lorakit {args.command}: internal error: {type(e).__name__}: {what}. lorakit should have refused this "
+              f"input with a clear message; please report it with the command you ran (set LORAKIT_DEBUG=1 to see "
+              f"the traceback).", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

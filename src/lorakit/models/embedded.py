@@ -230,6 +230,7 @@ def load_model_and_tokenizer(
     torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path)
     _check_local_path(path)
+    _check_remote_code(path, trust_remote_code)
     if auto_class.__name__ == "AutoModelForCausalLM":
         _check_causal(path, name_or_path, trust_remote_code)
     try:
@@ -237,10 +238,14 @@ def load_model_and_tokenizer(
         model = auto_class.from_pretrained(
             path, trust_remote_code=trust_remote_code, **_dtype_kwarg(torch_dtype), **model_kwargs
         )
-    except (OSError, ValueError) as exc:
-        if Path(path).exists() or isinstance(exc, LoraError):
-            raise
-        raise _not_available(path, exc) from exc
+    except LoraError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a local folder: whatever the loader tripped on is the folder's fault
+        if Path(path).expanduser().exists():
+            raise _damaged_folder(path, exc) from None
+        if isinstance(exc, (OSError, ValueError)):
+            raise _not_available(path, exc) from exc
+        raise
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
@@ -286,6 +291,37 @@ def _check_causal(path: str, name: str, trust_remote_code: bool) -> None:
             f"{name} is {kind}; recipes and `lorakit train` fine-tune causal language models. For this model use "
             f"the Python API: lorakit.get_peft_model(model, LoraConfig(task_type=...)) with your own loop or "
             f"lorakit.hf.trainer.LoraTrainer (see the README).")
+
+
+def _check_remote_code(path: str, trust_remote_code: bool) -> None:
+    """A local model whose config.json asks for its own Python code (``auto_map``, a model type transformers
+    does not know) is refused in one line unless the user trusts it; the code is never imported."""
+    folder = Path(path).expanduser()
+    if trust_remote_code or not (folder / "config.json").is_file():
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the loader reports a damaged config.json
+    if not isinstance(config, dict) or not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") in CONFIG_MAPPING:
+        return  # transformers has this architecture built in and ignores the folder's code
+    code = sorted({str(v).split(".")[0] + ".py" for v in dict(config["auto_map"]).values() if isinstance(v, str)})
+    raise ModelLoadError(
+        f"model folder {path} needs its own Python code to load (config.json: model_type "
+        f"{config.get('model_type')!r}, auto_map -> {', '.join(code) or 'code files'}); lorakit runs no code from "
+        f"model files unless told to. If you trust this model, pass --trust-remote-code (in a recipe: "
+        f"model.trust_remote_code: true).")
+
+
+def _damaged_folder(path: str, exc: BaseException) -> ModelLoadError:
+    what = " ".join(str(exc).split())[:300] or "no detail"
+    return ModelLoadError(
+        f"cannot load a model from {path}: {type(exc).__name__}: {what}. Check that the folder holds a complete, "
+        f"undamaged model (config.json, the weights, the tokenizer files); save or download it again.")
 
 
 def _check_local_path(path: str) -> None:

@@ -150,7 +150,8 @@ class TrainConfig:
             (self.lora.r >= 1, "lora.r", "must be >= 1"),
             (self.lora.alpha > 0, "lora.alpha", "must be > 0"),
             (0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
-            (self.train.epochs > 0, "train.epochs", "must be > 0"),
+            (0 < self.train.epochs <= 1e6, "train.epochs", "must be > 0 and at most 1e6 (for a fixed number of "
+             "steps set train.max_steps)"),
             (self.train.max_steps is None or self.train.max_steps >= 1, "train.max_steps", "must be >= 1 or null"),
             (self.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
@@ -268,6 +269,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _finite(number: float, key: str) -> float:
+    """Every float of a recipe is a finite number: inf / nan would overflow a step count or poison the weights."""
+    import math
+
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number, got {number}; fix the recipe or pass --set {key}=<number>")
+    return number
+
+
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert a YAML value to the field type; errors name the key and the expected type."""
 
@@ -300,13 +310,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise bad()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+        if isinstance(value, (int, float, str)):  # YAML 1.1 reads "2e-4" (no dot) as a string
             try:
-                return float(value)
-            except ValueError:
+                number = float(value)
+            except (ValueError, OverflowError):
                 raise bad() from None
+            return _finite(number, key)
         raise bad()
     if tp is str:
         if isinstance(value, str):
@@ -378,9 +387,10 @@ def parse_value(raw: str, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} expects an int, got {raw!r}; e.g. --set {key}=8") from None
     if tp is float:
         try:
-            return float(text)
+            number = float(text)
         except ValueError:
             raise ConfigError(f"{key} expects a number, got {raw!r}; e.g. --set {key}=0.1") from None
+        return _finite(number, key)
     if tp is str or origin is Literal:
         return coerce(text, tp, key)
     if tp is tuple or origin is tuple:

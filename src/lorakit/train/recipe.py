@@ -13,9 +13,19 @@ def read_yaml(path: Path) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
+                          f"(a recipe is a YAML file)") from None
+    except OSError as e:
+        raise ConfigError(f"recipe {path} cannot be read ({e.strerror or e}); check the path and its "
+                          f"permissions") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"recipe {path} is nested too deeply to be a recipe; check the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -39,4 +49,6 @@ def load_recipe(path_or_name: str | Path, overrides: Iterable[str] = ()) -> Trai
 def dump_recipe(cfg: TrainConfig, path: Path) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    from lorakit.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
