@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# The slow tests also run exported GGUF files in llama.cpp: its binding is installed (compiled) once here.
 test-slow: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install -e '.[gguf-check]'
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)
