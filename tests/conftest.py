@@ -7,8 +7,35 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import random  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+#: The project's shared real data (not ours; see SOURCES.md there), read in place, never copied:
+#: ../shared/data beside the repository. A user's fresh clone has no ../shared; CI does.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def need_shared_data(relative: str = "") -> Path:
+    """``../shared/data/<relative>`` for a test that reads the shared real data.
+
+    Missing: skipped, with a reason naming the path (a user's machine); with ``CI=true`` the test fails
+    instead (CI has ../shared, so there a missing file is an error, never a silent skip).
+    """
+    path = SHARED_DATA / relative
+    if not path.exists():
+        why = f"{path} is missing: this test reads the project's shared real data there"
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail(f"{why} (CI=true: CI has ../shared/data, so a missing file is an error)")
+        pytest.skip(f"{why} (a fresh clone has no ../shared; CI runs this test)")
+    return path
+
+
+@pytest.fixture
+def shared_data():
+    """``shared_data("raft/twitter_complaints/train.csv")``: that path under ../shared/data, or the test
+    skips (fails with CI=true) naming it; see ``need_shared_data``."""
+    return need_shared_data
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,6 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded_model_dir):
@@ -21,13 +19,6 @@ def tiny_model_dir(tmp_path_factory, embedded_model_dir):
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
-
-
-@pytest.fixture(scope="session")
-def shared_data():
-    if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} is missing: these tests read the project's shared real data there")
-    return SHARED
 
 
 # ---------------------------------------------------------------- helpers for the CLI error tests

@@ -6,27 +6,26 @@ import pytest
 
 from lorakit.cli.main import main
 
-from .conftest import SHARED
-
-# What each recipe needs to run offline: a local data file in place of its hub dataset.
+# What each recipe needs to run offline: a local file (under ../shared/data) in place of its hub dataset.
 LOCAL = {
-    "job_a_alpaca_zh": ["--set", f"data.train={SHARED / 'alpaca' / 'alpaca_zh_demo.json'}"],
-    "job_b_raft": ["--set", f"data.train={SHARED / 'raft' / 'twitter_complaints' / 'train.csv'}"],
-    "demo": [],
+    "job_a_alpaca_zh": "alpaca/alpaca_zh_demo.json",
+    "job_b_raft": "raft/twitter_complaints/train.csv",
+    "demo": None,  # ships its data
 }
 
 
-def train_recipe(name, model, out, steps=2, extra=("--set", "eval.accuracy=false")):
+def train_recipe(name, model, out, shared_data, steps=2, extra=("--set", "eval.accuracy=false")):
+    local = ["--set", f"data.train={shared_data(LOCAL[name])}"] if LOCAL[name] else []
     argv = ["train", name, "--set", f"model={model}", "--set", f"train.max_steps={steps}",
             "--set", "data.max_train_samples=16", "--set", "data.max_eval_samples=2", "--set", "train.batch_size=4",
             "--set", f"output.dir={out}", "--set", "output.merge=false", "--set", "output.tensorboard=false",
-            "--set", "train.progress=false", "--set", "eval.every_steps=null", *LOCAL[name], *extra]
+            "--set", "train.progress=false", "--set", "eval.every_steps=null", *local, *extra]
     return main(argv)
 
 
 @pytest.mark.parametrize("name", sorted(LOCAL))
 def test_recipe_runs_on_tiny_model_and_local_data(name, tiny_model_dir, tmp_path, shared_data):
-    assert train_recipe(name, tiny_model_dir, tmp_path) == 0
+    assert train_recipe(name, tiny_model_dir, tmp_path, shared_data) == 0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
@@ -35,7 +34,7 @@ def test_recipe_runs_on_tiny_model_and_local_data(name, tiny_model_dir, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LOCAL))
 def test_recipe_runs_on_embedded_model(name, tmp_path, shared_data):
-    assert train_recipe(name, "embedded", tmp_path, steps=3) == 0
+    assert train_recipe(name, "embedded", tmp_path, shared_data, steps=3) == 0
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)
 
@@ -59,7 +58,7 @@ def test_qlora_recipe_on_tiny_model(tiny_model_dir, tmp_path, shared_data):
     out = tmp_path / "out"
     extra = ("--set", "eval.accuracy=false", "--set", "model.load_in_4bit=true", "--set", "lora.use_rslora=true",
              "--set", "output.merge=true")  # merged into the base loaded at full precision (4-bit cannot hold it)
-    assert train_recipe("job_b_raft", model_dir, out, extra=extra) == 0
+    assert train_recipe("job_b_raft", model_dir, out, shared_data, extra=extra) == 0
     cfg = LoraConfig.from_pretrained(out / "adapter")
     assert cfg.use_rslora
     from lorakit import LoraModel

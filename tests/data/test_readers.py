@@ -6,21 +6,21 @@ import pytest
 from lorakit.data import load_records
 from lorakit.errors import DataError
 
-from .conftest import ALPACA_ZH, RAFT_DIR
+from .conftest import ALPACA_ZH, RAFT_DIR  # paths under ../shared/data (the shared_data fixture)
 
 
 # ---------------------------------------------------------------- real shared data
 
 def test_alpaca_zh_demo_has_1000_records(shared_data):
-    recs = load_records(ALPACA_ZH)
+    recs = load_records(shared_data(ALPACA_ZH))
     assert len(recs) == 1000
     assert set(recs[0]) == {"instruction", "input", "output"}
     assert sum(1 for r in recs if r["input"]) == 139  # documented in SOURCES.md
-    assert recs.locations[3] == f"{ALPACA_ZH} record 3"
+    assert recs.locations[3] == f"{shared_data(ALPACA_ZH)} record 3"
 
 
 def test_raft_train_csv_50_rows_17_complaints(shared_data):
-    recs = load_records(RAFT_DIR / "train.csv", label_column="Label")
+    recs = load_records(shared_data(f"{RAFT_DIR}/train.csv"), label_column="Label")
     assert len(recs) == 50
     assert sum(r["Label"] == "complaint" for r in recs) == 17
     assert set(recs[0]) == {"Tweet text", "Label", "ID"}
@@ -29,14 +29,14 @@ def test_raft_train_csv_50_rows_17_complaints(shared_data):
 
 
 def test_raft_test_unlabeled_reads_without_labels(shared_data):
-    recs = load_records(RAFT_DIR / "test_unlabeled.csv", columns=["Tweet text"])
+    recs = load_records(shared_data(f"{RAFT_DIR}/test_unlabeled.csv"), columns=["Tweet text"])
     assert len(recs) == 3399
     assert set(recs[0]) == {"Tweet text"}
 
 
 def test_raft_label_names_come_from_task_json(tmp_path, shared_data):
     # integer codes with the task.json beside the file: 1 -> complaint, 2 -> no complaint, 0 dropped
-    (tmp_path / "task.json").write_text((RAFT_DIR / "task.json").read_text())
+    (tmp_path / "task.json").write_text(shared_data(f"{RAFT_DIR}/task.json").read_text())
     (tmp_path / "train.csv").write_text('Tweet text,Label,ID\n"a, b",1,0\nc,2,1\nd,0,2\ne,complaint,3\n')
     recs = load_records(tmp_path / "train.csv", label_column="Label")
     assert [r["Label"] for r in recs] == ["complaint", "no complaint", "complaint"]
@@ -179,7 +179,7 @@ def test_empty_csv_header_only(tmp_path):
 
 def test_missing_column_lists_existing_columns(tmp_path, shared_data):
     with pytest.raises(DataError) as e:
-        load_records(RAFT_DIR / "train.csv", label_column="label")
+        load_records(shared_data(f"{RAFT_DIR}/train.csv"), label_column="label")
     msg = str(e.value)
     assert "train.csv row 1 (line 2): missing column 'label'" in msg
     assert "['Tweet text', 'Label', 'ID']" in msg
@@ -235,7 +235,7 @@ def test_classlabel_column_uses_the_datasets_names(tmp_path):
 
 
 def test_slices_keep_locations(shared_data):
-    recs = load_records(RAFT_DIR / "train.csv", label_column="Label")[10:12]
+    recs = load_records(shared_data(f"{RAFT_DIR}/train.csv"), label_column="Label")[10:12]
     assert recs.location(0).endswith("row 11 (line 12)") and len(recs) == 2
 
 

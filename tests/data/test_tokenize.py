@@ -6,7 +6,7 @@ import pytest
 from lorakit.data import Records, get_template, load_records, tokenize_records
 from lorakit.errors import ConfigError, DataError
 
-from .conftest import ALPACA_ZH, RAFT_DIR
+from .conftest import ALPACA_ZH, RAFT_DIR  # paths under ../shared/data (the shared_data fixture)
 
 CLS = get_template("classification", text_column="Tweet text", label_column="Label")
 
@@ -16,7 +16,7 @@ def answer_text(tokenizer, ex):
 
 
 def test_labels_mask_prompt_and_keep_answer_plus_eos(tokenizer, shared_data):
-    recs = load_records(RAFT_DIR / "train.csv", label_column="Label")
+    recs = load_records(shared_data(f"{RAFT_DIR}/train.csv"), label_column="Label")
     data = tokenize_records(recs, CLS, tokenizer, max_length=256)
     assert len(data) == 50 and data.n_truncated == 0 and data.n_dropped == 0
     for rec, ex in zip(recs, data):
@@ -36,7 +36,7 @@ def test_add_eos_false(tokenizer):
 
 
 def test_alpaca_zh_all_records(tokenizer, shared_data):
-    recs = load_records(ALPACA_ZH)
+    recs = load_records(shared_data(ALPACA_ZH))
     data = tokenize_records(recs, get_template("human_assistant"), tokenizer, max_length=4096)
     assert len(data) + data.n_dropped == 1000
     assert data.n_dropped == 0
@@ -158,7 +158,7 @@ def test_long_prompt_with_short_answer_keeps_the_answer_whole(tokenizer):
 
 def test_alpaca_zh_at_the_job_a_max_length_keeps_every_example(tokenizer, shared_data):
     # job_a_alpaca_zh.yaml: human_assistant, max_length 256. Before: 483 of the 1000 dropped (answer too long).
-    recs = load_records(ALPACA_ZH)
+    recs = load_records(shared_data(ALPACA_ZH))
     data = tokenize_records(recs, get_template("human_assistant"), tokenizer, max_length=256)
     assert len(data) == 1000 and data.n_dropped == 0
     assert 0 < data.n_answer_truncated <= data.n_truncated

@@ -1,9 +1,6 @@
-from pathlib import Path
-
 import pytest
 import torch
 
-RAFT_TRAIN = Path(__file__).resolve().parents[3] / "shared" / "data" / "raft" / "twitter_complaints" / "train.csv"
 LABELS = ["complaint", "no complaint"]
 
 
@@ -28,12 +25,11 @@ def tiny_llama(tokenizer):
 
 
 @pytest.fixture
-def raft_records():
+def raft_records(shared_data):
+    """RAFT twitter_complaints' 50 labelled tweets, from the shared real data."""
     from lorakit.data import load_records
 
-    if not RAFT_TRAIN.is_file():
-        pytest.fail(f"{RAFT_TRAIN} is missing: the tests read the project's shared real data there.")
-    return load_records(RAFT_TRAIN, label_column="Label")
+    return load_records(shared_data("raft/twitter_complaints/train.csv"), label_column="Label")
 
 
 @pytest.fixture(autouse=True)
