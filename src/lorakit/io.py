@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_tensors",
+__all__ = ["atomic_path", "atomic_paths", "write_to_temp", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_tensors",
            "atomic_torch_save", "atomic_save_pretrained", "atomic_savefig", "private_temp_dir", "remove_temp_dirs",
            "TEMP_PREFIX"]
 
@@ -51,22 +51,45 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     For writers that take a file name (safetensors, torch.save). The temp file exists (empty, created with
     O_EXCL) when the block starts, so nothing else can have put a link there.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
+    with atomic_paths([path], [suffix]) as (tmp,):
         yield tmp
-        os.chmod(tmp, _file_mode())
-        with open(tmp, "rb") as f:  # the writer may not have synced: the rename must not outrun the data
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: list, suffixes: list[str] | None = None) -> Iterator[list[str]]:
+    """``atomic_path`` for files that belong together (an adapter's weights and config): every temp file is
+    written and synced before the first rename, so a failure while writing changes none of them."""
+    paths = [os.fspath(p) for p in paths]
+    suffixes = suffixes or [""] * len(paths)
+    temps: list[str] = []
+    try:
+        for path, suffix in zip(paths, suffixes):
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", suffix=suffix, dir=folder)
+            os.close(fd)
+            temps.append(tmp)
+        yield temps
+        for tmp in temps:  # the writer may not have synced: no rename may outrun its data
+            os.chmod(tmp, _file_mode())
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         raise
-    _fsync_dir(folder)
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
+        _fsync_dir(folder)
+
+
+def write_to_temp(tmp: str, data: bytes) -> None:
+    """Fill a temp file made by ``atomic_path(s)`` (it exists and is ours; a link there is refused)."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -19,11 +19,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterLoadError, ConfigError, LoraError
-from .io import UnreadableFile, atomic_save_tensors, load_plain_tensors
+from .io import UnreadableFile, atomic_paths, atomic_save_tensors, load_plain_tensors, write_to_temp
 from .plan import PEFT_PREFIX, plan_adapter
 
 __all__ = ["PICKLE_WEIGHTS_NAME", "WEIGHTS_NAME", "adapter_state_dict", "atomic_save_file", "check_state_dict", "peft_key",
@@ -61,8 +61,18 @@ def save_adapter(model, directory: str | os.PathLike, adapter_name: str) -> None
         changes["fan_in_fan_out"] = True
     config = config.replace(**changes)
     weights = model.lora_state_dict(adapter_name)
-    atomic_save_file(weights, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    config.save(directory)
+    write_adapter_files(directory, config, weights)
+
+
+def write_adapter_files(directory: str, config: LoraConfig, weights: dict[str, torch.Tensor]) -> None:
+    """adapter_model.safetensors + adapter_config.json, both written and synced before either is renamed into
+    place (``io.atomic_paths``): a failure (disk full, read-only folder) changes neither file."""
+    plain = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    text = json.dumps(config.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    with atomic_paths([os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, CONFIG_NAME)],
+                      [".safetensors", ".json"]) as (weights_tmp, config_tmp):
+        save_file(plain, weights_tmp, metadata={"format": "pt"})
+        write_to_temp(config_tmp, text.encode("utf-8"))
 
 
 def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:

@@ -180,15 +180,23 @@ def test_a_new_run_refuses_a_folder_holding_another_run_unless_overwrite(tmp_pat
     assert steps == [1, 2]
 
 
-def test_resuming_a_finished_run_says_there_is_nothing_to_resume(tmp_path):
+def test_resuming_a_finished_run_trains_nothing_and_writes_its_outputs_again(tmp_path):
+    # (a run killed after its last checkpoint, before its outputs, resumes the same way: tests/reliability)
     cfg = config_from_dict({}, BASE + ["train.max_steps=2"])  # save_every None: a checkpoint at the end only
     ex = tiny_examples(8)
-    res = train_loop(make_model(), ex, pad_batch, cfg, tmp_path, print_fn=lambda s: None)
+    a = make_model()
+    res = train_loop(a, ex, pad_batch, cfg, tmp_path, print_fn=lambda s: None)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002"] and res.checkpoint is not None
     metrics = (tmp_path / "metrics.jsonl").read_text()
-    with pytest.raises(TrainingError, match="end of its run .*nothing to resume"):
-        train_loop(make_model(), ex, pad_batch, cfg, tmp_path, resume="latest", print_fn=lambda s: None)
+    said = []
+    b = make_model()
+    again = train_loop(b, ex, pad_batch, cfg, tmp_path, resume="latest", print_fn=said.append)
+    assert any("end of its run" in s and "nothing left to train" in s for s in said)
+    assert again.steps == 2 and again.final_loss == res.final_loss
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002"]
+    for k, v in trainable(b).items():  # the checkpoint's weights, nothing trained on top
+        assert torch.equal(v, trainable(a)[k]), k
 
 
 def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,10 @@ def save_chat_template(tokenizer: Any, directory: str | os.PathLike) -> Path | N
     text = template_text(tokenizer)
     if text is None:
         return None
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / CHAT_TEMPLATE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{CHAT_TEMPLATE_FILE}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from lorakit.io import atomic_write_text
+
+    target = Path(directory) / CHAT_TEMPLATE_FILE
+    atomic_write_text(target, text)
     return target
 
 

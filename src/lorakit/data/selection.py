@@ -25,10 +25,15 @@ def resolve_source(source: str) -> str:
         return source
     import lorakit.data.builtin as builtin
 
-    path = Path(builtin.__file__).resolve().parent / source[len(BUILTIN_PREFIX):]
-    if not path.is_file():
-        shipped = sorted(p.name for p in path.parent.glob("*.json*"))
-        raise DataError(f"{source}: no such built-in data file; built-in files: {shipped}")
+    folder = Path(builtin.__file__).resolve().parent
+    shipped = sorted(p.name for p in folder.glob("*.json*"))
+    name = source[len(BUILTIN_PREFIX):]
+    path = (folder / name).resolve()
+    # a built-in name is a file name in that folder: no path, no link leading out of it
+    if name != Path(name).name or path.parent != folder or path.suffix not in (".json", ".jsonl", ".csv") \
+            or not path.is_file():
+        raise DataError(f"{source}: no such built-in data file (builtin:NAME takes the name of a file shipped with "
+                        f"lorakit); built-in files: {shipped}")
     return str(path)
 
 

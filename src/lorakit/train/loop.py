@@ -120,7 +120,7 @@ def finish_training(run: Run, state: RunState) -> float:
     """The final evaluation and the run's last checkpoint; the seconds spent in training steps."""
     run.bar.close()
     seconds = state.seconds_before + time.time() - state.started
-    if run.eval_examples or run.extra_eval is not None:
+    if (run.eval_examples or run.extra_eval is not None) and not state.at_end:  # at_end: evaluated before
         state.last_eval = evaluate(run)
         if state.last_eval:
             run.log.log({"step": state.step, **state.last_eval}, prefix="eval/")

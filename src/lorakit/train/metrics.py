@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
+
+from lorakit.io import atomic_savefig, atomic_write_text
 
 
 class MetricsLog:
@@ -18,10 +21,12 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             # Lines written after the checkpoint we resume from describe steps that will be redone.
             kept = [line for line in read_metrics(self.path) if line.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        elif resume_step is None and self.path.exists():
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        elif resume_step is None and (self.path.exists() or self.path.is_symlink()):
             self.path.unlink()
-        self._file = self.path.open("a", encoding="utf-8")
+        # appended line by line (a torn last line is skipped when read); never through a link
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -64,13 +69,15 @@ def format_eval(step: int, metrics: dict[str, Any]) -> str:
 
 def read_metrics(path: str | Path) -> list[dict]:
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         line = line.strip()
         if line:
             try:
-                out.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 break  # a torn last line from a crash
+            if isinstance(row, dict):
+                out.append(row)
     return out
 
 
@@ -97,6 +104,18 @@ def plot_loss(metrics_path: str | Path, out_png: str | Path, title: str = "") ->
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, out_png)
+    finally:
+        plt.close(fig)
     return Path(out_png)
+
+
+def logged_summary(path: str | Path, step: int) -> tuple[float | None, dict[str, Any]]:
+    """(the last training loss logged up to ``step``, the evaluation logged at ``step``) from a metrics file:
+    what a run resumed at its end reports, having nothing left to train."""
+    rows = read_metrics(path) if Path(path).is_file() else []
+    losses = [r["loss"] for r in rows if "loss" in r and r.get("step", 0) <= step]
+    evals = [r for r in rows if any(k.startswith("eval_") for k in r) and r.get("step") == step]
+    last_eval = {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
+    return (losses[-1] if losses else None), last_eval

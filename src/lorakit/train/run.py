@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from lorakit.errors import DataError
+from lorakit.io import atomic_save_pretrained
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import TrainResult, train_loop
 from lorakit.train.outputs import clear_for_new_run, is_main_process
@@ -138,7 +139,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, output_dir: str
                         extra_eval=extra, resume=resume, print_fn=print_fn)
     if not main:
         return RunOutputs(result=result, setup=setup, report=extra.last_report if extra is not None else None)
-    setup.tokenizer.save_pretrained(result.adapter_dir or out)
+    atomic_save_pretrained(setup.tokenizer.save_pretrained, result.adapter_dir or out)
     from lorakit.data.chat_template import save_chat_template
 
     save_chat_template(setup.tokenizer, result.adapter_dir or out)  # generate/chat/merge/export read it there
@@ -165,7 +166,10 @@ def save_merged(model: Any, tokenizer: Any, out_dir: Path) -> Path:
 
     The LoraModel stays usable: merge_and_unload works on the live model, so it is called last."""
     merged = model.merge_and_unload()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+
+    def save(folder: str) -> None:
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    atomic_save_pretrained(save, out_dir)  # written in a temp folder, then moved in: never through a link
     return out_dir

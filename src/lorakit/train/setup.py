@@ -19,10 +19,10 @@ import torch
 from lorakit.errors import TrainingError
 from lorakit.loss.lm_loss import LossComputer
 from lorakit.train.config import TrainConfig
-from lorakit.train.metrics import MetricsLog, NullLog
+from lorakit.train.metrics import MetricsLog, NullLog, logged_summary
 from lorakit.train.outputs import clear_for_new_run
 from lorakit.train.schedule import make_scheduler, warmup_steps
-from lorakit.train.state import load_checkpoint, resolve_resume
+from lorakit.train.state import load_checkpoint, recover_output_dir, resolve_resume
 
 
 class LossModule(torch.nn.Module):
@@ -110,6 +110,7 @@ class RunState:
     empty_groups: int = 0               # groups skipped for having no answer token
     pending: int = 0                    # batches of the group in training, not yet applied by a step
     updating: bool = False              # inside optimizer.step(): the weights are half updated
+    at_end: bool = False                # resumed from the run's last checkpoint: only its outputs are written
 
     def trainer_state(self, run: Run) -> dict:
         """What a checkpoint stores besides the tensors (``trainer_state.json``)."""
@@ -140,9 +141,11 @@ def setup_run(model: torch.nn.Module, examples: list[dict], collate: Callable[[l
     accelerator = Accelerator(cpu=tc.cpu or not torch.cuda.is_available(), mixed_precision=tc.mixed_precision)
     # data parallel (accelerate launch --num_processes N): each optimizer step takes grad_accum batches on
     # every process; the main process alone writes files
+    if accelerator.is_main_process:  # a killed run's temp leftovers go; links where outputs go are refused
+        recover_output_dir(out, remove_links=overwrite and resume is None)
     if resume is None:
         clear_for_new_run(out, overwrite, remove=accelerator.is_main_process)
-        accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -182,17 +185,22 @@ def setup_run(model: torch.nn.Module, examples: list[dict], collate: Callable[[l
 
 def resume_state(run: Run, resume: str | Path, print_fn: Callable[[str], None]) -> RunState:
     """Restore the model, optimizer, schedule and RNG from a checkpoint; the state to continue from."""
-    ckpt = resolve_resume(resume, run.out)
+    ckpt = resolve_resume(resume, run.out, report=print_fn)
     saved = load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler)  # restores RNG last: nothing may follow
     total = run.total
     if saved["total_steps"] != total:
         raise TrainingError(f"checkpoint {ckpt} was written by a run of {saved['total_steps']} steps, this "
                             f"recipe makes {total}; resume with the same train.* settings")
     step = saved["step"]
+    state = RunState(step=step, epoch=saved["epoch"], pos=saved["pos"], order=saved["order"],
+                     tokens_before=saved.get("tokens", 0), seconds_before=saved.get("seconds", 0.0), last_good=ckpt)
     if step >= total:
-        raise TrainingError(f"checkpoint {ckpt} is the end of its run (step {step} of {total}): nothing to "
-                            f"resume. Its adapter is in {run.out / 'adapter'}; to train more, start a new run "
-                            f"(another output.dir, or --overwrite).")
+        # killed (or stopped) after its last checkpoint: nothing to train; the run's outputs are written again
+        # from that checkpoint (the adapter, and by the caller the tokenizer and the plot), as the run would have
+        print_fn(f"{ckpt} is the end of its run (step {step} of {total}): nothing left to train; writing the run's "
+                 f"outputs from it")
+        state.at_end, state.saved_at = True, step
+        state.last_loss, state.last_eval = logged_summary(run.out / "metrics.jsonl", step)
+        return state
     print_fn(f"resumed from {ckpt} at step {step}/{total}")
-    return RunState(step=step, epoch=saved["epoch"], pos=saved["pos"], order=saved["order"],
-                    tokens_before=saved.get("tokens", 0), seconds_before=saved.get("seconds", 0.0), last_good=ckpt)
+    return state

@@ -186,11 +186,30 @@ def _remove_checkpoint(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def recover_output_dir(output_dir: str | Path) -> list[str]:
-    """At the start of a run: remove the temp files and folders a killed run left in the output folder, its
-    adapter folder and its checkpoints folder, and put back a checkpoint that was moved aside to be
-    replaced by a newer copy of the same step that never arrived. Returns what was removed."""
+#: names a run writes inside its output folder; a link at any of them would send the writes elsewhere
+_RUN_NAMES = ("adapter", "checkpoints", "merged", "tb", "metrics.jsonl", "loss.png", "recipe.yaml")
+
+
+def refuse_links(output_dir: str | Path, remove: bool = False) -> None:
+    """A symbolic link where a run writes (``out/adapter``, ``out/checkpoints``, ...) is refused, or with
+    ``remove`` (a run told to replace the folder's old outputs) the link itself is removed, never its target."""
     out = Path(output_dir)
+    links = [out / n for n in _RUN_NAMES if (out / n).is_symlink()]
+    if links and not remove:
+        raise TrainingError(f"{', '.join(map(str, links))}: a symbolic link where the run writes its outputs; lorakit "
+                            f"writes only inside the output folder. Remove the link, pass --overwrite to replace "
+                            f"it, or choose another output folder.")
+    for link in links:
+        link.unlink()
+
+
+def recover_output_dir(output_dir: str | Path, remove_links: bool = False) -> list[str]:
+    """At the start of a run: refuse (or remove) links where the run writes (``refuse_links``), remove the temp
+    files and folders a killed run left in the output folder, its adapter folder and its checkpoints folder,
+    and put back a checkpoint that was moved aside to be replaced by a newer copy of the same step that never
+    arrived. Returns what was removed."""
+    out = Path(output_dir)
+    refuse_links(out, remove=remove_links)
     removed = []
     for folder in (out, out / "adapter", checkpoint_root(out)):
         if folder.is_dir() and not folder.is_symlink():
