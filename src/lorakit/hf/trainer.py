@@ -56,12 +56,12 @@ class LoraTrainerMixin:
             return
         os.makedirs(output_dir, exist_ok=True)
         model.save_pretrained(output_dir)
+        from ..io import atomic_save_pretrained, atomic_torch_save
+
         tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
         if tokenizer is not None:
-            tokenizer.save_pretrained(output_dir)
-        import torch
-
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            atomic_save_pretrained(tokenizer.save_pretrained, output_dir)
+        atomic_torch_save(self.args, os.path.join(output_dir, "training_args.bin"))  # as HF's Trainer writes it
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         lora = _lora_model(model if model is not None else self.model)
