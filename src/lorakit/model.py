@@ -121,6 +121,8 @@ class LoraModel(PeftCompatMixin, nn.Module):
                 self._replace(spec.name, wrapper)
                 module = wrapper
             module.add_adapter(adapter_name, spec.r, spec.alpha, spec.scaling, dropout, config.init_lora_weights)
+            if spec.dora:  # last, as in peft: the magnitude of the initialised W + s B A
+                module.init_dora(adapter_name)
         for path in plan.modules_to_save:
             module = self.model.get_submodule(path)
             if not isinstance(module, ModulesToSave):

@@ -29,7 +29,9 @@ from .plan import PEFT_PREFIX, plan_adapter
 __all__ = ["PICKLE_WEIGHTS_NAME", "WEIGHTS_NAME", "adapter_state_dict", "atomic_save_file", "check_state_dict", "peft_key",
            "peft_load_options", "read_adapter", "read_checked", "save_adapter"]
 
-_ADAPTER_KEY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_dropout|modules_to_save)\.([^.]+)(?=\.|$)")
+_ADAPTER_KEY = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|lora_dropout|modules_to_save)"
+    r"\.([^.]+)(?=\.|$)")
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"

@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import LoraConfig, TaskType
 from .errors import LoraError, TargetError
+from .hf.quant import is_quantized_weight
 from .layers import LoraLayer, ModulesToSave
 from .layers.routing import BASE
 from .targets import module_kind, pattern_value, select_targets, unmatched_pattern_keys
@@ -39,17 +40,22 @@ class TargetSpec:
     r: int
     alpha: float
     scaling: float
+    dora: bool = False   # DoRA: also a magnitude per output feature
 
     @property
-    def lora_shapes(self) -> dict[str, tuple[int, int]]:
-        """PEFT state-dict suffixes and shapes of this target's A and B."""
+    def lora_shapes(self) -> dict[str, tuple[int, ...]]:
+        """PEFT state-dict suffixes and shapes of this target's A and B (and DoRA magnitude)."""
         if self.kind == "embedding":
-            return {"lora_embedding_A": (self.r, self.in_features), "lora_embedding_B": (self.out_features, self.r)}
-        return {"lora_A.weight": (self.r, self.in_features), "lora_B.weight": (self.out_features, self.r)}
+            shapes = {"lora_embedding_A": (self.r, self.in_features), "lora_embedding_B": (self.out_features, self.r)}
+        else:
+            shapes = {"lora_A.weight": (self.r, self.in_features), "lora_B.weight": (self.out_features, self.r)}
+        if self.dora:
+            shapes["lora_magnitude_vector"] = (self.out_features,)
+        return shapes
 
     @property
     def n_params(self) -> int:
-        return self.r * (self.in_features + self.out_features)
+        return self.r * (self.in_features + self.out_features) + (self.out_features if self.dora else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +186,11 @@ def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | No
             fin, fout = m.weight.shape
         else:
             fin, fout = m.in_features, m.out_features
-        targets.append(TargetSpec(n, kind, int(fin), int(fout), r, alpha, config.scaling_for(r, alpha)))
+        if config.use_dora and is_quantized_weight(getattr(m, "weight", None)):
+            raise TargetError(f"use_dora=True on the quantized (4/8-bit) layer {n!r} is not supported: DoRA needs the "
+                              f"base weight's row norms. Load the base model in bf16/fp32, or use plain LoRA (QLoRA).")
+        targets.append(TargetSpec(n, kind, int(fin), int(fout), r, alpha, config.scaling_for(r, alpha),
+                                  dora=config.use_dora))
 
     saved_shapes: dict[str, tuple[int, ...]] = {}
     for s in saved:

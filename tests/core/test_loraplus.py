@@ -15,7 +15,7 @@ from peft.optimizers import create_loraplus_optimizer as peft_loraplus  # noqa: 
 from lorakit import LoraConfig, LoraError, get_peft_model  # noqa: E402
 from lorakit.optim import create_loraplus_optimizer  # noqa: E402
 
-from .helpers import FAMILIES, build, single_thread  # noqa: E402,F401
+from tiny import FAMILIES, build, single_thread  # noqa: E402,F401
 
 
 def _pair(family: str, **kw):
@@ -44,6 +44,7 @@ CASES = {
     "llama-all-linear-embedding": ("llama", dict(target_modules=["embed_tokens", "q_proj", "v_proj", "down_proj"])),
     "gpt2-bias-layernorm": ("gpt2", dict(target_modules=["c_attn", "wte"], bias="all", modules_to_save=["ln_f"])),
     "bloom-lora-only": ("bloom", dict(bias="lora_only")),
+    "llama-dora": ("llama", dict(target_modules=["embed_tokens", "q_proj", "v_proj"], use_dora=True)),
 }
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import LoraError
 from ..hf.quant import is_quantized_weight
+from .dora import dora_merged_weight, dora_unmerged_weight, weight_norm
 from .routing import BASE, current_rows
 
 __all__ = ["LoraLayer", "add_delta"]
@@ -45,6 +46,9 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        #: DoRA adapters' trained magnitudes, one per output feature (peft's name; see layers/dora.py)
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_norms: dict[str, torch.Tensor] = {}  # ||W + s B A|| of each merged DoRA adapter, to unmerge
         self._inplace_ok = type(base_layer) in (nn.Linear, nn.Embedding) or type(base_layer).__name__ == "Conv1D"
 
     # -- per-kind hooks ---------------------------------------------------------------------
@@ -58,6 +62,15 @@ class LoraLayer(nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B A, in the base weight's layout and float32."""
         raise NotImplementedError
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor in the base weight's layout seen as [out, in] (rows: output features), and back again."""
+        raise NotImplementedError
+
+    def uses_plain_lora(self, name: str) -> bool:
+        """Whether adapter ``name`` is plain LoRA (``base(x) + s B A x``): the only kind a kernel may compute.
+        A DoRA adapter always takes the reference path."""
+        return name not in self.lora_magnitude_vector
 
     # -- bookkeeping ------------------------------------------------------------------------
     @property
@@ -84,11 +97,22 @@ class LoraLayer(nn.Module):
         dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
         self._create(name, r, init, w.device, dtype)
 
+    def init_dora(self, name: str) -> None:
+        """Make adapter ``name`` a DoRA adapter: its magnitude starts at ``||W + s B A||`` per output feature.
+        Called last, after every init that changes A, B or the base weight (peft's order)."""
+        dtype = self.adapter_parameters(name)[0].dtype
+        w = self._rows(self.base_layer.weight.detach()).to(dtype)
+        self.lora_magnitude_vector[name] = nn.Parameter(weight_norm(w, self._rows(self.delta_weight(name)).to(dtype)))
+        # parameters listed after A and B, in peft's order (optimizer groups and their saved state follow it)
+        self._modules["lora_magnitude_vector"] = self._modules.pop("lora_magnitude_vector")
+
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         out = []
         for container in self.adapter_containers:
             item = getattr(self, container)[name]
             out.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        if name in self.lora_magnitude_vector:
+            out.append(self.lora_magnitude_vector[name])
         return out
 
     def delete_adapter(self, name: str) -> None:
@@ -97,6 +121,8 @@ class LoraLayer(nn.Module):
         for container in self.adapter_containers:
             del getattr(self, container)[name]
         del self.lora_dropout[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for d in (self.r, self.lora_alpha, self.scaling):
             d.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -119,7 +145,11 @@ class LoraLayer(nn.Module):
         for name in names:
             if name not in self.r or name in self.merged_adapters:
                 continue
-            w.data += self.delta_weight(name)  # a float32 delta into a half-precision weight: one rounding, as peft
+            if self.uses_plain_lora(name):
+                w.data += self.delta_weight(name)  # a float32 delta into a half-precision weight: one rounding, as peft
+            else:
+                merged, self._dora_norms[name] = self._dora_merged(name)
+                w.data.copy_(merged)
             self.merged_adapters.append(name)
 
     def check_merge(self, names: Sequence[str]) -> None:
@@ -127,7 +157,9 @@ class LoraLayer(nn.Module):
         w = self.base_layer.weight
         for name in names:
             if name in self.r and name not in self.merged_adapters:
-                if not torch.isfinite(w.data.float() + self.delta_weight(name)).all():
+                merged = (w.data.float() + self.delta_weight(name) if self.uses_plain_lora(name)
+                          else self._dora_merged(name)[0])
+                if not torch.isfinite(merged).all():
                     raise LoraError(
                         f"merging adapter {name!r} would put NaN/inf into the weights of a "
                         f"{type(self.base_layer).__name__} layer; nothing was merged. The adapter is broken "
@@ -140,8 +172,34 @@ class LoraLayer(nn.Module):
         for name in names:
             if name not in self.merged_adapters:
                 continue
-            w.data -= self.delta_weight(name)
+            if self.uses_plain_lora(name):
+                w.data -= self.delta_weight(name)
+            else:
+                w.data.copy_(self._rows(self._dora_unmerged(name, w.data, self._dora_norms.pop(name))))
             self.merged_adapters.remove(name)
+
+    # -- DoRA merging (the math: layers/dora.py) --------------------------------------------
+    def _dora_unmerged(self, name: str, weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """``weight`` (base layout) with merged DoRA adapter ``name`` taken out, as [out, in] float32."""
+        return dora_unmerged_weight(self._rows(weight), self._rows(self.delta_weight(name)),
+                                    self.lora_magnitude_vector[name], norm)
+
+    def _weight_without_merges(self) -> torch.Tensor:
+        """The base weight with every merged adapter taken out, as [out, in] (computed; the layer is untouched)."""
+        w = self.base_layer.weight.detach().float()
+        for name in reversed(self.merged_adapters):
+            if self.uses_plain_lora(name):
+                w = w - self.delta_weight(name)
+            else:
+                w = self._rows(self._dora_unmerged(name, w, self._dora_norms[name]))
+        return self._rows(w)
+
+    def _dora_merged(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weight with DoRA adapter ``name`` merged, in the base layout, ||V||); the norm is taken of the
+        weight without earlier merges (what forward sees), the merge goes into the current weight (as peft)."""
+        merged, norm = dora_merged_weight(self._rows(self.base_layer.weight.detach()), self._weight_without_merges(),
+                                          self._rows(self.delta_weight(name)), self.lora_magnitude_vector[name])
+        return self._rows(merged), norm
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -166,6 +224,10 @@ class LoraLayer(nn.Module):
     def _routed(self, x: torch.Tensor, result: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
         if self.merged_adapters:
             raise LoraError("adapter_names (one adapter per row) needs unmerged adapters; call unmerge_adapter() first.")
+        dora = sorted({n for n in rows if n in self.lora_magnitude_vector})
+        if dora:
+            raise LoraError(f"adapter_names (one adapter per row) does not work with DoRA adapters ({dora}), as in "
+                            f"peft: run each DoRA adapter on its own batch (set_adapter) instead.")
         n = x.shape[0]
         if len(rows) != n:
             if n % len(rows):

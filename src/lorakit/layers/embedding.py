@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import LoraLayer
+from .dora import dora_embedding_forward
 
 __all__ = ["LoraEmbedding", "lora_embedding_delta", "lora_embedding_weight"]
 
@@ -53,6 +54,16 @@ class LoraEmbedding(LoraLayer):
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return lora_embedding_delta(x, self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name],
                                     self.base_layer)
+
+    def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if self.uses_plain_lora(name):
+            return super()._add(name, x, result)
+        out = dora_embedding_forward(x, result, self.base_layer, self.lora_embedding_A[name],
+                                     self.lora_embedding_B[name], self.scaling[name], self.lora_magnitude_vector[name])
+        return out.to(result.dtype)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.t()  # [num_embeddings, embedding_dim]: the output features are the embedding dimensions
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return lora_embedding_weight(self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name])

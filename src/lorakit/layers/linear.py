@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..kernels import fusion, lora_add
-from .base import LoraLayer
+from .base import LoraLayer, add_delta
+from .dora import dora_linear_delta
 from .routing import BASE, current_rows
 
 __all__ = ["LoraLinear", "lora_linear_delta", "lora_linear_weight"]
@@ -58,7 +59,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # training on the CPU: layers reading one input run as one node (layers/fusion.py) when they can
-        if not args and not kwargs and current_rows() is None:
+        # (a DoRA adapter takes the reference path only: layers/dora.py)
+        if not args and not kwargs and current_rows() is None and all(map(self.uses_plain_lora, self.active_adapters)):
             if torch.is_grad_enabled():
                 if fusion.eligible(x):
                     out = fusion.fused_forward(self, x)
@@ -85,8 +87,21 @@ class LoraLinear(LoraLayer):
                                  self._dropout_of(name))
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if not self.uses_plain_lora(name):
+            return self._dora_add(name, x, result)
         return lora_add(result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
                         self._dropout_of(name), self._inplace_ok)
+
+    def _dora_add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """DoRA on the reference path (layers/dora.py), in the adapter's dtype like plain LoRA."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        delta = dora_linear_delta(x.to(A.dtype), result, self._rows(self.base_layer.weight).to(A.dtype),
+                                  self.base_layer.bias, A, B, self.scaling[name], self.lora_magnitude_vector[name],
+                                  self._dropout_of(name))
+        return add_delta(result, delta)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.t() if self.fan_in_fan_out else t  # Conv1D stores its weight as [in, out]
 
     def _dropout_of(self, name: str):
         drop = self.lora_dropout[name]

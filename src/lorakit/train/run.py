@@ -57,7 +57,7 @@ def lora_config(cfg: TrainConfig):
         targets = "all-linear"
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                       lora_dropout=cfg.lora.dropout, target_modules=targets, bias=cfg.lora.bias,
-                      use_rslora=cfg.lora.use_rslora, modules_to_save=cfg.lora.modules_to_save,
+                      use_rslora=cfg.lora.use_rslora, use_dora=cfg.lora.use_dora, modules_to_save=cfg.lora.modules_to_save,
                       base_model_name_or_path=cfg.model.name)
 
 
