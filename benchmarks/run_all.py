@@ -29,6 +29,7 @@ ROWS = [
      ["--steps", "1"]),
     ("5 generation: unmerged vs merged, mixed adapters", "bench_generate.py", ["--targets", "all-linear", "--repeats", "5"],
      ["--repeats", "1"]),
+    ("6 serving: 16 clients over 4 adapters vs one request at a time", "bench_serve.py", [], ["--quick"]),
 ]
 
 
