@@ -30,6 +30,10 @@ ROWS = [
     ("5 generation: unmerged vs merged, mixed adapters", "bench_generate.py", ["--targets", "all-linear", "--repeats", "5"],
      ["--repeats", "1"]),
     ("6 serving: 16 clients over 4 adapters vs one request at a time", "bench_serve.py", [], ["--quick"]),
+    ("7 DoRA all-linear, dropout 0.1: lorakit DoRA vs lorakit LoRA vs peft DoRA", "bench_dora.py",
+     ["--targets", "all-linear", "--dropout", "0.1", "--steps", "6"], ["--steps", "1"]),
+    ("8 LoRA+ vs plain LoRA on job b's data: loss after the same steps", "bench_loraplus.py", ["--ratios", "1,16"],
+     ["--epochs", "1"]),
 ]
 
 
