@@ -10,7 +10,7 @@ import torch
 from lorakit import LoraConfig, get_peft_model
 from lorakit.errors import LoraError
 
-from core.helpers import build, single_thread  # noqa: F401
+from tiny import build, single_thread  # noqa: F401
 
 peft = pytest.importorskip("peft")  # the oracle: a test dependency
 

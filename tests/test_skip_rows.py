@@ -9,7 +9,7 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.loss import ffn_skip as skip_rows
 from lorakit.loss.lm_loss import IGNORE_INDEX, LossComputer, fast_loss_sum, fast_path_parts
 
-from core.helpers import FAMILIES, VOCAB, build, perturb_lora, single_thread  # noqa: F401
+from tiny import FAMILIES, VOCAB, build, perturb_lora, single_thread  # noqa: F401
 
 CAUSAL = sorted(name for name, fam in FAMILIES.items() if fam.kind == "causal")
 

@@ -20,7 +20,7 @@ from lorakit.targets import DEFAULT_TARGET_MODULES, default_target_modules
 
 from tiny import fused_and_own
 
-from .helpers import FAMILIES, assert_logits_close, batch_for, build, logits, perturb_lora, single_thread  # noqa: F401
+from tiny import FAMILIES, assert_logits_close, batch_for, build, logits, perturb_lora, single_thread  # noqa: F401
 
 FAMILY_NAMES = sorted(FAMILIES)
 

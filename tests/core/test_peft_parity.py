@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraLayer as PeftLoraLayer  # noqa: E402
 
 from lorakit import LoraConfig, LoraModel, TaskType, get_peft_model  # noqa: E402
 
-from .helpers import FAMILIES, assert_logits_close, batch_for, build, logits, perturb_lora, single_thread  # noqa: E402,F401
+from tiny import FAMILIES, assert_logits_close, batch_for, build, logits, perturb_lora, single_thread  # noqa: E402,F401
 
 PARITY = ["bloom", "gpt2", "llama", "t5", "bart", "opt", "gpt_neox", "bert", "roberta", "deberta-v2"]
 

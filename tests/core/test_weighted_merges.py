@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")  # the oracle
 from lorakit import LoraConfig, get_peft_model  # noqa: E402
 from lorakit.errors import LoraError  # noqa: E402
 
-from .helpers import assert_logits_close, batch_for, build, logits, single_thread  # noqa: E402,F401
+from tiny import assert_logits_close, batch_for, build, logits, single_thread  # noqa: E402,F401
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "wte"], "bloom": ["query_key_value", "dense_4h_to_h"],
            "mixtral": ["q_proj", "o_proj"]}

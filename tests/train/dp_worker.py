@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tiny.py
 
-from tiny import tiny_examples, tiny_llama  # noqa: E402
+from tiny import tiny_examples, train_llama  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
         seen.append([e["input_ids"][0] for e in examples])
         return collate(examples)
 
-    model = get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    model = get_peft_model(train_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                      init_lora_weights="gaussian"))
     cfg = config_from_dict({}, ["train.progress=false", f"train.batch_size={batch_size}",
                                 f"train.grad_accum={grad_accum}", f"train.max_steps={steps}", "train.lr=1e-2",

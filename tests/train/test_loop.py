@@ -10,14 +10,14 @@ from lorakit.train.config import config_from_dict
 from lorakit.train.loop import train_loop
 from lorakit.train.state import list_checkpoints
 
-from .tiny import freeze_all_but_one_layer, pad_batch, tiny_examples, tiny_llama
+from tiny import freeze_all_but_one_layer, pad_batch, tiny_examples, train_llama
 
 BASE = ["train.progress=false", "train.batch_size=4", "train.lr=1e-2", "output.tensorboard=false",
         "output.plot=false", "lora.dropout=0.0"]
 
 
 def make_model(seed=0):
-    m = tiny_llama(seed)
+    m = train_llama(seed)
     freeze_all_but_one_layer(m)
     # dropout in the trained layer makes the RNG state matter for resume
     m.config.attention_dropout = 0.1
@@ -58,7 +58,7 @@ def test_grad_accum_matches_one_big_batch(tmp_path):
     for bs, acc in [(8, 1), (2, 4)]:
         cfg = config_from_dict({}, BASE + ["train.max_steps=3", f"train.batch_size={bs}", f"train.grad_accum={acc}",
                                            "data.sort_by_length=false", "train.max_grad_norm=null"])
-        model = tiny_llama(0)
+        model = train_llama(0)
         freeze_all_but_one_layer(model)
         train_loop(model, ex, pad_batch, cfg, tmp_path / f"{bs}", print_fn=lambda s: None)
         results.append(trainable(model))
@@ -144,7 +144,7 @@ def test_resume_is_exact_with_lora_dropout(tmp_path):
 
     def lora_model():
         torch.manual_seed(0)
-        return get_peft_model(tiny_llama(0), LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8,
+        return get_peft_model(train_llama(0), LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8,
                                                         lora_dropout=0.3, target_modules=["q_proj", "v_proj"]))
 
     cfg = config_from_dict({}, BASE + ["train.max_steps=6", "output.save_every=3", "output.keep_last=0"])

@@ -7,7 +7,7 @@ from lorakit.errors import ConfigError
 from lorakit.train.config import config_from_dict
 from lorakit.train.loop import train_loop
 
-from .tiny import pad_batch, tiny_examples, tiny_llama
+from tiny import pad_batch, tiny_examples, train_llama
 
 BASE = ["train.progress=false", "train.batch_size=8", "train.lr=1e-3", "output.tensorboard=false",
         "output.plot=false", "lora.dropout=0.0", "train.max_steps=1", "train.scheduler=constant",
@@ -15,7 +15,7 @@ BASE = ["train.progress=false", "train.batch_size=8", "train.lr=1e-3", "output.t
 
 
 def _first_step(tmp_path, extra):
-    model = get_peft_model(tiny_llama(0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(train_llama(0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
     cfg = config_from_dict({}, BASE + extra)
     train_loop(model, tiny_examples(8), pad_batch, cfg, tmp_path, print_fn=lambda s: None)

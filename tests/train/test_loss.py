@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from lorakit.loss.lm_loss import LossComputer, count_label_tokens, fast_loss_sum, fast_path_parts
-from .tiny import pad_batch, tiny_examples, tiny_llama
+from tiny import pad_batch, tiny_examples, train_llama
 
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_fast_loss_equals_hf_loss(tie):
-    model = tiny_llama(tie=tie).eval()
+    model = train_llama(tie=tie).eval()
     batch = pad_batch(tiny_examples(6))
     parts = fast_path_parts(model)
     assert parts is not None
@@ -18,7 +18,7 @@ def test_fast_loss_equals_hf_loss(tie):
 
 
 def test_fast_loss_gradients_match():
-    model = tiny_llama()
+    model = train_llama()
     batch = pad_batch(tiny_examples(4))
     n = count_label_tokens(batch["labels"])
     (fast_loss_sum(*fast_path_parts(model), batch) / n).backward()
@@ -30,7 +30,7 @@ def test_fast_loss_gradients_match():
 
 
 def test_logit_transform_architectures_fall_back():
-    model = tiny_llama()
+    model = train_llama()
     model.config.final_logit_softcapping = 30.0
     assert fast_path_parts(model) is None
     comp = LossComputer(model)
@@ -41,7 +41,7 @@ def test_logit_transform_architectures_fall_back():
 
 
 def test_self_check_switches_to_model_loss_when_they_disagree():
-    model = tiny_llama()
+    model = train_llama()
     comp = LossComputer(model)
     body, head = comp.parts
     comp.parts = (body, torch.nn.Linear(head.in_features, head.out_features, bias=False))  # wrong head
