@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -160,7 +161,9 @@ def load_plain_tensors(path: str | os.PathLike) -> Any:
     import torch
 
     try:
-        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on odd pickle protocols: the verdict below says enough
+            warnings.simplefilter("ignore")
+            return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
             raise UnreadableFile(f"refused: not plain tensors ({os.fspath(path)} is a pickle that names Python code "

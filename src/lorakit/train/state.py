@@ -349,7 +349,8 @@ def resolve_resume(resume: str | Path, output_dir: str | Path,
         where = path
     if not found:
         if path is None:
-            raise TrainingError(f"--resume latest: no checkpoint under {where}; train without --resume, or pass "
+            raise TrainingError(f"--resume latest: no checkpoint under {where} (a run stopped before its first "
+                                f"checkpoint has nothing to resume); start the run again with --overwrite, or pass "
                                 f"a checkpoint folder")
         raise TrainingError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}) and no checkpoints "
                             f"inside; pass e.g. {checkpoint_root(output_dir)}/{STEP_PREFIX}000100 or `latest`")

@@ -1,0 +1,31 @@
+"""Fixtures of the reliability battery: one tiny model folder (over the embedded model's tokenizer) and one
+saved adapter for it, built once per session; tiny in-memory models for the API cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from .helpers import build_adapter, build_model_dir
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, embedded_model_dir):
+    return build_model_dir(tmp_path_factory.mktemp("rel_model") / "model", embedded_model_dir)
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory, model_dir):
+    return build_adapter(model_dir, tmp_path_factory.mktemp("rel_adapter") / "adapter")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model load fails the test: the bad input must be reported before it."""
+    import lorakit.models
+    import lorakit.models.embedded
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(lorakit.models, "load_model_and_tokenizer", refuse)
+    monkeypatch.setattr(lorakit.models.embedded, "load_model_and_tokenizer", refuse)
