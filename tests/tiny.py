@@ -4,6 +4,7 @@ Every model comes from one builder, ``instantiate`` (a transformers config and m
 initialised from a seed). Presets:
 
 - ``tiny_llama`` / ``tiny_bloom`` / ``tiny_gpt2``: 2 layers, hidden 32, vocab 100, in eval mode (core tests);
+- ``tokenizer_llama``: a Llama over a real tokenizer's vocabulary (the CLI and evaluation tests);
 - ``train_llama``: the training tests' Llama (vocab 97, pad / bos / eos ids 0 / 1 / 2, as ``pad_batch``
   pads with 0), in train mode;
 - ``FAMILIES`` / ``build(family)``: one tiny model of every family lorakit has a default target table
@@ -67,6 +68,15 @@ def train_llama(seed: int = 0, vocab: int = 97, tie: bool = False) -> torch.nn.M
                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1,
                        eos_token_id=2)
+
+
+def tokenizer_llama(tokenizer, seed: int = 0, tie: bool = False) -> torch.nn.Module:
+    """A 2-layer Llama over a real tokenizer's vocabulary and special tokens (train mode, as constructed)."""
+    return instantiate("LlamaConfig", "LlamaForCausalLM", seed, vocab_size=len(tokenizer), hidden_size=32,
+                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       tie_word_embeddings=tie)
 
 
 # ---------------------------------------------------------------------------------------------- every family

@@ -14,14 +14,9 @@ def tokenizer(embedded_model_dir):
 @pytest.fixture
 def tiny_llama(tokenizer):
     """A randomly initialised 2-layer Llama over the real tokenizer's vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny import tokenizer_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
-    return LlamaForCausalLM(cfg)
+    return tokenizer_llama(tokenizer)
 
 
 @pytest.fixture
