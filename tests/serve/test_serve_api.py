@@ -87,7 +87,7 @@ def test_stop_sequences_cut_the_reply(server):
     assert "".join(c.choices[0].text for c in streamed) == cut
 
 
-def test_seeded_sampling_is_repeatable_alone_or_in_a_batch(server):
+def test_seeded_sampling_is_repeatable_alone_or_in_a_batch(server, serve_dirs):
     client = server.client()
 
     def sample(seed):
@@ -103,6 +103,20 @@ def test_seeded_sampling_is_repeatable_alone_or_in_a_batch(server):
         together = [f.result() for f in futures]
     assert together[0] == together[2] == alone
     assert len(set(together)) > 1  # other seeds draw other text
+    # and it is what transformers' generate draws with that seed (its default top-k of 50 included)
+    import torch
+
+    from lorakit import LoraModel
+    from lorakit.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(serve_dirs["model"]))
+    model = LoraModel.from_pretrained(model, serve_dirs["beta"])
+    ids = torch.tensor([tok(PROMPTS["completion"])["input_ids"]])
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=True,
+                             temperature=0.9, top_p=0.95, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    assert alone == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def test_load_and_unload_at_run_time(server, serve_dirs, reference):

@@ -33,6 +33,10 @@ from .sampling import TextTracker, make_generator, next_tokens
 
 log = logging.getLogger("lorakit.serve")
 
+#: transformers' generate keeps the 50 likeliest tokens when sampling unless the model's generation config says
+#: otherwise; the server samples the same way
+_GENERATE_TOP_K = 50
+
 #: a command's answer meaning "not now": it runs again after the next step (an unload waits for its rows)
 NOT_YET = object()
 
@@ -184,7 +188,8 @@ class Engine:
         gen_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
         self.eos_ids = {int(e) for e in eos if e is not None}
-        self.top_k = getattr(getattr(lm, "generation_config", None), "top_k", None)
+        top_k = getattr(getattr(lm, "generation_config", None), "top_k", None)
+        self.top_k = _GENERATE_TOP_K if top_k is None else top_k  # sampling as `lorakit generate` samples
         self.context_length = getattr(lm.config, "max_position_embeddings", None)
         self._cache_kw, self._logits_kw = cache_kwarg(lm), logits_kwarg(lm)
 

@@ -1,8 +1,8 @@
 """Next tokens for a decoding batch (each row its own settings), and a row's text as it grows.
 
 Greedy rows take the argmax, as ``generate(do_sample=False)``. Sampled rows go through transformers'
-own warpers in ``generate``'s order (temperature, the model's top-k when its generation config sets
-one, top-p) and draw from the row's own generator, seeded from the request's ``seed``, so a request's
+own warpers in ``generate``'s order (temperature, top-k as ``generate`` sets it: the model's generation
+config, else 50; top-p) and draw from the row's own generator, seeded from the request's ``seed``, so a request's
 draws depend on its seed alone, not on the rows it shares a batch with.
 """
 from __future__ import annotations
