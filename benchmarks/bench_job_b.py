@@ -166,7 +166,7 @@ def main() -> None:
         lorakit_loop(wrap("lorakit", base, cfg), examples[:8], collate, warm, Path(tmp) / "warmup")
         plain_loop(wrap("peft", base, cfg), {k: v[:8] for k, v in padded.items()}, cfg, 1)
         print(f"warm-up (one step of each loop, untimed): {time.perf_counter() - t:.0f}s")
-        # rounds in ABBA order (lorakit, peft, peft, lorakit, ...): a slow or fast phase of a shared VM
+        # rounds in ABBA order (lorakit, peft, peft, lorakit, ...): a slow or fast phase of a shared machine
         # then hits every variant alike; each variant's wall/CPU is the sum over its runs
         for rnd in range(args.repeats):
             for name in (variants if rnd % 2 == 0 else variants[::-1]):

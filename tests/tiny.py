@@ -28,8 +28,9 @@ VOCAB = 100
 
 @pytest.fixture(autouse=True, scope="module")
 def single_thread():
-    """Tiny models run fastest on one thread: on a busy 2-core machine, thread start-up and spin waits
-    made a 2 ms forward take 250 ms. Import this fixture into a test module to use it."""
+    """Tiny models run fastest on one thread: their products are too small to split, and thread start-up
+    and spin waits dominate when other processes share the cores. Import this fixture into a test module
+    to use it."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

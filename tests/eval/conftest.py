@@ -29,8 +29,8 @@ def raft_records(shared_data):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models run fastest on one thread; with 2 threads on a busy 2-core machine a 32-wide matmul
-    waits on the other thread (measured: generate 0.05 s on 1 thread vs 0.5-0.9 s on 2). Restored after."""
+    """Tiny models run fastest on one thread: a 32-wide matmul is too small to split, and a second thread
+    only adds waiting on it when other processes share the cores. Restored after."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

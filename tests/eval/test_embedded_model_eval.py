@@ -1,4 +1,4 @@
-"""The real embedded SmolLM2-135M on real RAFT rows (slow: minutes on a busy 2-core CPU)."""
+"""The real embedded SmolLM2-135M on real RAFT rows (slow: minutes on a CPU)."""
 import pytest
 
 from lorakit.data import Collator, get_template, tokenize_records

@@ -1,9 +1,9 @@
 """Dropout keep-masks: cheap to draw, exact in probability, reproducible from torch's RNG.
 
-torch's CPU dropout draws one float per element (~13 ms for a 1024x576 activation on two
-cores); numpy's SFC64 makes the same count of random *bytes* in ~0.15 ms. One byte per element
-decides almost every element; the 1-in-256 that land exactly on the threshold byte draw a
-second, 53-bit uniform, so P(drop) == p to ~2**-61, not p rounded to 1/256.
+torch's CPU dropout draws one 32-bit float per element; numpy's SFC64 generator makes one random
+*byte* per element, far less work and data. One byte decides almost every element; the 1-in-256
+that land exactly on the threshold byte draw a second, 53-bit uniform, so P(drop) == p to ~2**-61,
+not p rounded to 1/256.
 
 The numpy seed is one int64 drawn from torch's default CPU generator, so
 ``torch.manual_seed`` reproduces the masks and ``torch.utils.checkpoint`` (which restores
