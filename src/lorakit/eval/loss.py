@@ -15,7 +15,7 @@ import contextlib
 import math
 from typing import Any, Callable, Sequence
 
-from lorakit.data.tokenize import IGNORE_INDEX
+from lorakit.constants import IGNORE_INDEX
 from lorakit.errors import ConfigError, DataError
 from lorakit.eval.device import eval_mode, model_device
 
