@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ["atomic_path", "atomic_paths", "write_to_temp", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_tensors",
-           "atomic_torch_save", "atomic_save_pretrained", "atomic_savefig", "private_temp_dir", "remove_temp_dirs",
+           "atomic_torch_save", "save_safetensors", "atomic_save_pretrained", "atomic_savefig", "private_temp_dir", "remove_temp_dirs",
            "TEMP_PREFIX"]
 
 #: temp files and folders start with this, so a later run can recognise (and remove) leftovers of a killed one
@@ -122,21 +122,40 @@ def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 2
     atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
 
 
-def atomic_save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file written atomically (tensors moved to the CPU, made contiguous)."""
+def save_safetensors(tensors: dict, path: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, with a failed write (disk full, file too large, ...) raised as the OSError
+    it is (safetensors reports it as a SafetensorError whose text holds the OS error number)."""
+    import re
+
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
+
+
+def atomic_save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written atomically (tensors moved to the CPU, made contiguous)."""
     plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(plain, tmp, metadata=metadata)
+        save_safetensors(plain, tmp, metadata=metadata)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` written atomically (the reader loads it with ``weights_only=True``)."""
+    """``torch.save`` written atomically (the reader loads it with ``weights_only=True``). Serialised in memory
+    first: torch reports a failed file write as an opaque RuntimeError, a plain write as the OSError it is."""
+    import io as _io
+
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    buffer = _io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_savefig(fig: Any, path: str | os.PathLike, **kw: Any) -> None:

@@ -19,11 +19,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterLoadError, ConfigError, LoraError
-from .io import UnreadableFile, atomic_paths, atomic_save_tensors, load_plain_tensors, write_to_temp
+from .io import UnreadableFile, atomic_paths, atomic_save_tensors, load_plain_tensors, save_safetensors, write_to_temp
 from .plan import PEFT_PREFIX, plan_adapter
 
 __all__ = ["PICKLE_WEIGHTS_NAME", "WEIGHTS_NAME", "adapter_state_dict", "atomic_save_file", "check_state_dict", "peft_key",
@@ -73,7 +73,7 @@ def write_adapter_files(directory: str, config: LoraConfig, weights: dict[str, t
     text = json.dumps(config.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     with atomic_paths([os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, CONFIG_NAME)],
                       [".safetensors", ".json"]) as (weights_tmp, config_tmp):
-        save_file(plain, weights_tmp, metadata={"format": "pt"})
+        save_safetensors(plain, weights_tmp, metadata={"format": "pt"})
         write_to_temp(config_tmp, text.encode("utf-8"))
 
 

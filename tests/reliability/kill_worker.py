@@ -67,14 +67,14 @@ def _before_outputs() -> None:
 def _in_adapter() -> None:
     import lorakit.peft_format as peft_format
 
-    original = peft_format.save_file
+    original = peft_format.save_safetensors
 
     def save(tensors, path, *a, **k):
         original(tensors, path, *a, **k)
         if "checkpoints" not in Path(path).parts and Path(path).parent.name == "adapter":
             die()
 
-    peft_format.save_file = save
+    peft_format.save_safetensors = save
 
 
 def install(point: str) -> None:
