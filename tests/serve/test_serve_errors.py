@@ -134,14 +134,15 @@ def test_runtime_loads_stay_inside_the_adapter_root(server, serve_dirs):
     assert r.usage.completion_tokens == 4
 
 
-def test_a_failing_step_is_a_500_and_the_server_goes_on(server, monkeypatch):
+@pytest.mark.parametrize("failing_call", [1, 2], ids=["prompt", "decoding-step"])
+def test_a_failing_forward_is_a_500_and_the_server_goes_on(server, monkeypatch, failing_call):
     engine = server.engine
     real = engine._forward
     calls = []
 
     def failing(rows, **inputs):
         calls.append(rows)
-        if len(calls) == 2:  # the first decoding step after the prompt
+        if len(calls) == failing_call:  # the prompt's forward, or the first decoding step after it
             raise RuntimeError("simulated device failure")
         return real(rows, **inputs)
 

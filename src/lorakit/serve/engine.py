@@ -175,7 +175,7 @@ class Engine:
         self.state = "ready"
         log.info("lorakit serve: model ready")
         try:
-            while self._loop_once():
+            while self._guarded_loop_once():
                 pass
         finally:
             self.state = "stopped"
@@ -214,6 +214,19 @@ class Engine:
             self._step()
             self._sweep()
         return True
+
+    def _guarded_loop_once(self) -> bool:
+        """One turn of the loop; a failure outside a forward loses the batch, never the engine thread."""
+        try:
+            return self._loop_once()
+        except Exception as e:  # noqa: BLE001 - the requests in the batch are told; the server goes on
+            error = self._as_api_error(e)
+            with self._cond:
+                jobs, self._active = self._active, []
+            self._batch = BatchCache()
+            for job in jobs:
+                job.emit(Failed(error))
+            return True
 
     def _run_commands(self, commands: list) -> bool:
         """Run each command once; True when some answered NOT_YET (they stay queued)."""
@@ -266,24 +279,15 @@ class Engine:
         self._record(job, token)
 
     def _step(self) -> None:
-        """One decoding step: one token for every row, in one forward."""
+        """One decoding step: one token for every row, in one forward (a failure here is the guard's)."""
         jobs = list(self._active)
         self._peak = max(self._peak, len(jobs))
-        try:
-            inputs = self._batch.step_inputs()
-            ids = torch.tensor([[j.generated[-1]] for j in jobs], device=self.device)
-            logits = self._forward([j.adapter for j in jobs], input_ids=ids, **inputs,
-                                   **{self._cache_kw: self._batch.cache})
-            self._batch.advance(inputs["attention_mask"])
-            tokens = next_tokens(logits, [j.sampling for j in jobs], [j.generator for j in jobs], self.top_k)
-        except Exception as e:  # noqa: BLE001 - the batch is lost; every request in it is told so
-            error = self._as_api_error(e)
-            with self._cond:
-                self._active = []
-            self._batch = BatchCache()
-            for job in jobs:
-                job.emit(Failed(error))
-            return
+        inputs = self._batch.step_inputs()
+        ids = torch.tensor([[j.generated[-1]] for j in jobs], device=self.device)
+        logits = self._forward([j.adapter for j in jobs], input_ids=ids, **inputs,
+                               **{self._cache_kw: self._batch.cache})
+        self._batch.advance(inputs["attention_mask"])
+        tokens = next_tokens(logits, [j.sampling for j in jobs], [j.generator for j in jobs], self.top_k)
         for job, token in zip(jobs, tokens):
             self._record(job, token)
 
