@@ -271,3 +271,25 @@ def test_dora_is_refused_on_a_quantized_layer(monkeypatch):
     with pytest.raises(TargetError, match="use_dora=True on the quantized"):
         get_peft_model(base, LoraConfig(target_modules=["q_proj"], use_dora=True))
     assert not any(p.requires_grad is False for p in base.parameters())  # nothing changed
+
+
+@pytest.mark.parametrize("family,path", [("llama", "model.layers.0.self_attn.q_proj"), ("gpt2", "transformer.h.0.attn.c_attn"),
+                                         ("llama", "model.embed_tokens")])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_a_layer_computes_the_papers_weight(family, path, grad):
+    """W' = m (W + s B A) / ||W + s B A|| per output feature, whatever route the call takes (kernels on)."""
+    ours, _, _ = _synced(family)
+    layer = dict(ours.lora_layers())[path]
+    ours.eval()
+    W = layer._rows(layer.base_layer.weight.detach())
+    V = W + layer._rows(layer.delta_weight("default"))
+    Wp = layer.lora_magnitude_vector["default"].detach().view(-1, 1) * V / V.norm(dim=1, keepdim=True)
+    if "embed" in path:
+        x = torch.randint(0, 100, (2, 5))
+        want = torch.nn.functional.embedding(x, Wp.t())
+    else:
+        x = torch.randn(2, 5, layer.in_features)
+        want = x @ Wp.t() + (layer.base_layer.bias if layer.base_layer.bias is not None else 0)
+    with torch.set_grad_enabled(grad):
+        got = layer(x)
+    torch.testing.assert_close(got.detach(), want.detach(), atol=1e-5, rtol=1e-5)

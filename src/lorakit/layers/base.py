@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import LoraError
 from ..hf.quant import is_quantized_weight
-from .dora import dora_merged_weight, dora_unmerged_weight, weight_norm
+from .dora import dora_linear_delta, dora_merged_weight, dora_unmerged_weight, weight_norm
 from .routing import BASE, current_rows
 
 __all__ = ["LoraLayer", "add_delta"]
@@ -64,8 +64,9 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        """A tensor in the base weight's layout seen as [out, in] (rows: output features), and back again."""
-        raise NotImplementedError
+        """A tensor in the base weight's layout seen as [out, in] (rows: output features), and back again.
+        Linear layers store [out, in]; GPT-2's Conv1D (``fan_in_fan_out``) [in, out]; embeddings override."""
+        return t.t() if getattr(self, "fan_in_fan_out", False) else t
 
     def uses_plain_lora(self, name: str) -> bool:
         """Whether adapter ``name`` is plain LoRA (``base(x) + s B A x``): the only kind a kernel may compute.
@@ -219,7 +220,18 @@ class LoraLayer(nn.Module):
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result`` plus the adapter's update for ``x`` (the reference: ``base(x) + delta``)."""
+        if not self.uses_plain_lora(name):
+            return self._dora_add(name, x, result)
         return add_delta(result, self._delta(name, x))
+
+    def _dora_add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """A linear layer's output with DoRA adapter ``name`` (layers/dora.py), in the adapter's dtype as plain LoRA;
+        the embedding overrides ``_add``."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        delta = dora_linear_delta(x.to(A.dtype), result, self._rows(self.base_layer.weight).to(A.dtype),
+                                  self.base_layer.bias, A, B, self.scaling[name], self.lora_magnitude_vector[name],
+                                  None if isinstance(self.lora_dropout[name], nn.Identity) else self.lora_dropout[name])
+        return add_delta(result, delta)
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
         if self.merged_adapters:

@@ -17,8 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..kernels import fusion, lora_add
-from .base import LoraLayer, add_delta
-from .dora import dora_linear_delta
+from .base import LoraLayer
 from .routing import BASE, current_rows
 
 __all__ = ["LoraLinear", "lora_linear_delta", "lora_linear_weight"]
@@ -91,17 +90,6 @@ class LoraLinear(LoraLayer):
             return self._dora_add(name, x, result)
         return lora_add(result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
                         self._dropout_of(name), self._inplace_ok)
-
-    def _dora_add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """DoRA on the reference path (layers/dora.py), in the adapter's dtype like plain LoRA."""
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        delta = dora_linear_delta(x.to(A.dtype), result, self._rows(self.base_layer.weight).to(A.dtype),
-                                  self.base_layer.bias, A, B, self.scaling[name], self.lora_magnitude_vector[name],
-                                  self._dropout_of(name))
-        return add_delta(result, delta)
-
-    def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        return t.t() if self.fan_in_fan_out else t  # Conv1D stores its weight as [in, out]
 
     def _dropout_of(self, name: str):
         drop = self.lora_dropout[name]
