@@ -69,8 +69,9 @@ def assert_model_unchanged(model: torch.nn.Module, before: dict) -> None:
         assert torch.equal(after["buffers"][n], b), f"buffer {n} changed"
 
 
-def tree_snapshot(folder: Path) -> dict:
-    """Every entry under ``folder``: kind, and for files a hash of the bytes (links are not followed)."""
+def tree_snapshot(folder: Path, hash_below: int = 1 << 30) -> dict:
+    """Every entry under ``folder``: kind, and for files the size, modification time and (below ``hash_below``
+    bytes) a hash of the bytes; links are recorded, not followed."""
     out = {}
     if not folder.exists():
         return out
@@ -83,7 +84,9 @@ def tree_snapshot(folder: Path) -> dict:
             elif p.is_dir():
                 out[rel] = ("dir",)
             else:
-                out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+                st = p.stat()
+                digest = hashlib.sha256(p.read_bytes()).hexdigest() if st.st_size < hash_below else None
+                out[rel] = ("file", st.st_size, st.st_mtime_ns, digest)
     return out
 
 

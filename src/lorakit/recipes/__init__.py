@@ -19,6 +19,9 @@ def resolve_recipe(path_or_name: str | Path) -> Path:
     path = Path(path_or_name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"recipe {str(path_or_name)!r} is a folder; pass a recipe YAML file or the name of a shipped "
+                          f"recipe ({', '.join(list_recipes())})")
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name
     if str(path_or_name) in (name, name + ".yaml"):
         shipped = RECIPE_DIR / f"{name}.yaml"

@@ -121,8 +121,13 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, output_dir: str
 
     out = Path(output_dir or cfg.output.dir)
     main = is_main_process()  # data-parallel runs: only the main process writes files
+    # before the model loads and before anything is written: a refused run costs nothing and changes nothing
     if resume is None:
-        clear_for_new_run(out, overwrite, remove=main)  # before the model loads: a refused run costs nothing
+        clear_for_new_run(out, overwrite, remove=main)
+    else:
+        from lorakit.train.state import resolve_resume
+
+        resolve_resume(resume, out, report=lambda msg: None)  # a checkpoint to resume from (reported later)
     setup = setup or prepare(cfg, print_fn=print_fn)
     out.mkdir(parents=True, exist_ok=True)
     if main:
