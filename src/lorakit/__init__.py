@@ -20,6 +20,7 @@ _EXPORTS = {
     "get_peft_model_state_dict": "hf.peft_api",
     "set_peft_model_state_dict": "hf.peft_api",
     "dry_run": "dryrun",
+    "create_loraplus_optimizer": "optim",
     "DryRunReport": "dryrun",
     "default_target_modules": "targets",
     "DEFAULT_TARGET_MODULES": "targets",
@@ -40,6 +41,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 if TYPE_CHECKING:  # pragma: no cover
     from .config import LoraConfig, TaskType
     from .dryrun import DryRunReport, dry_run
+    from .optim import create_loraplus_optimizer
     from .errors import (AdapterLoadError, ConfigError, DataError, LoraError, ModelLoadError, TargetError,
                          TrainingError)
     from .hf.peft_api import get_peft_model_state_dict, set_peft_model_state_dict

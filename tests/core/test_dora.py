@@ -293,3 +293,64 @@ def test_a_layer_computes_the_papers_weight(family, path, grad):
     with torch.set_grad_enabled(grad):
         got = layer(x)
     torch.testing.assert_close(got.detach(), want.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("combination", ["cat", "svd", "linear"])
+def test_weighted_combination_of_dora_adapters_matches_peft(combination):
+    """add_weighted_adapter over DoRA adapters: the new adapter is DoRA, its magnitude starts at ||W|| (B = 0 when
+    it is made) and keeps it after A and B are combined, as in peft."""
+    ours, theirs, _ = _synced("llama", target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.add_adapter("b", peft.LoraConfig(use_dora=True, target_modules=["q_proj", "v_proj"]))
+    ours.add_adapter("b", LoraConfig(use_dora=True, target_modules=["q_proj", "v_proj"]))
+    _perturb(theirs, seed=9)
+    for name in ("default", "b"):
+        ours.load_lora_state_dict(peft.get_peft_model_state_dict(theirs, adapter_name=name), name)
+    theirs.add_weighted_adapter(["default", "b"], [0.6, 0.4], "mix", combination_type=combination)
+    ours.add_weighted_adapter(["default", "b"], [0.6, 0.4], "mix", combination_type=combination)
+    theirs.set_adapter("mix")
+    ours.set_adapter("mix")
+    assert ours.peft_config["mix"].use_dora
+    batch = batch_for("llama")
+    assert_logits_close(logits(ours, batch), logits(theirs, batch))
+
+
+def test_serving_refuses_a_dora_adapter_before_loading(tmp_path):
+    """lorakit serve batches rows of several adapters (adapter_names), which DoRA does not allow: refused by name."""
+    from lorakit.errors import AdapterLoadError
+    from lorakit.serve.adapters import attach
+
+    ours, _, _ = _synced("llama")
+    ours.save_pretrained(tmp_path)
+    base = build("llama")
+    with pytest.raises(AdapterLoadError, match="DoRA adapter"):
+        attach(base, "dora", str(tmp_path))
+    assert not any("lora_" in n for n, _ in base.named_parameters())  # nothing was loaded
+
+
+def test_training_loop_with_dora_equals_the_models_own_loss(tmp_path):
+    """lorakit's loop (fused head, feed-forward blocks on real rows only) trains a DoRA adapter exactly as the
+    model's own forward and loss do."""
+    import json
+
+    from tiny import pad_batch, tiny_examples, train_llama
+
+    from lorakit.train.config import config_from_dict
+    from lorakit.train.loop import train_loop
+
+    losses = {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model = get_peft_model(train_llama(0), LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+        cfg = config_from_dict({}, ["train.progress=false", "train.batch_size=4", "train.lr=1e-2", "train.max_steps=8",
+                                    "output.tensorboard=false", "output.plot=false", "lora.dropout=0.0",
+                                    f"train.fast_loss={str(fast).lower()}", "lora.use_dora=true",
+                                    "train.loraplus_lr_ratio=4"])
+        out = tmp_path / str(fast)
+        train_loop(model, tiny_examples(8), pad_batch, cfg, out, print_fn=lambda s: None)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[fast] = [r["loss"] for r in rows if "loss" in r]
+    mine = losses[True]
+    assert len(mine) == 8 and mine[-1] + mine[-2] < mine[0] + mine[1], mine  # 4 epochs of 2 batches: it learns
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -122,6 +122,7 @@ def attach(model, name: str, folder: str) -> tuple[object, list[str]]:
     """
     from ..model import LoraModel
 
+    _refuse_dora(folder)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if isinstance(model, LoraModel):
@@ -131,6 +132,22 @@ def attach(model, name: str, folder: str) -> tuple[object, list[str]]:
             model = LoraModel.from_pretrained(model, folder, adapter_name=name)
     model.eval()
     return model, [str(w.message) for w in caught]
+
+
+def _refuse_dora(folder: str) -> None:
+    """A DoRA adapter cannot take part in per-row batches (peft refuses them too): say so before loading."""
+    from ..config import LoraConfig
+    from ..errors import AdapterLoadError, LoraError
+
+    try:
+        dora = LoraConfig.from_pretrained(folder).use_dora
+    except LoraError:
+        return  # the load names what is wrong with the folder
+    if dora:
+        raise AdapterLoadError(
+            f"{folder} is a DoRA adapter (use_dora): lorakit serve runs every request's rows through their own "
+            f"adapter in one batch, which DoRA does not allow (peft refuses it too). Merge it into the base model "
+            f"(lorakit merge) and serve the merged model.")
 
 
 def detach(model, name: str) -> None:
