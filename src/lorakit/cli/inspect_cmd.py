@@ -16,7 +16,10 @@ DESCRIPTION = """Three uses:
       what a saved adapter holds: its config and its tensors, checked against each other (the weights
       file is readable, every LoRA tensor has the config's rank r).
   lorakit inspect ADAPTER_DIR --model M
-      the same, then the adapter is loaded onto M to check that it fits (names and shapes)."""
+      the same, then the adapter is loaded onto M to check that it fits (names and shapes).
+  lorakit inspect ADAPTER_DIR --check llama.cpp|vllm|ollama
+      what that runtime would refuse (modules_to_save, DoRA, a rank above vLLM's default 16, ...) or compute
+      differently from lorakit (rsLoRA / alpha_pattern / rank_pattern scales), and the fix for each."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=int, default=None, help=f"dry run: LoRA rank (default {LORA_DEFAULTS['r']}).")
     p.add_argument("--alpha", type=float, default=None,
                    help=f"dry run: LoRA alpha (default {LORA_DEFAULTS['lora_alpha']:g}).")
+    p.add_argument("--check", choices=("llama.cpp", "vllm", "ollama"),
+                   help="with ADAPTER_DIR: what that runtime would refuse or compute differently from lorakit "
+                        "(exit status 1 when it refuses the adapter); --model names the base if not the adapter's.")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub.")
 
 
@@ -94,9 +100,14 @@ def run(args: argparse.Namespace) -> int:
                               f"targets, r and alpha come from its adapter_config.json. Drop "
                               f"{', '.join(dry)}, or drop ADAPTER_DIR for a dry run")
         _describe_adapter(args.adapter_dir)
+        if args.check:
+            return _runtime_check(args)
         if not args.model:
             return 0
         return _check_against_model(args)
+    if args.check:
+        raise ConfigError(f"--check {args.check} checks a saved adapter: pass its folder, lorakit inspect ADAPTER_DIR "
+                          f"--check {args.check}")
     if not args.model:
         raise ConfigError("inspect needs --model M (dry run) or an ADAPTER_DIR to describe")
     r = LORA_DEFAULTS["r"] if args.r is None else args.r
@@ -125,3 +136,16 @@ def _check_against_model(args: argparse.Namespace) -> int:
     n_layers = sum(1 for _ in lora.lora_layers())
     print(f"check: the adapter loads on {args.model} ({n_layers} LoRA layers; every tensor's name and shape fit)")
     return 0
+
+
+def _runtime_check(args: argparse.Namespace) -> int:
+    """Print what --check's runtime would refuse or compute differently (lorakit.export.checks)."""
+    from lorakit.export.checks import check_adapter
+
+    findings = check_adapter(args.adapter_dir, args.check, args.model, args.trust_remote_code)
+    print(f"check {args.check}:")
+    for finding in findings or []:
+        print(finding.line())
+    if not any(f.level != "ok" for f in findings):
+        print(f"  nothing {args.check} refuses or computes differently")
+    return 1 if any(f.level == "refuses" for f in findings) else 0

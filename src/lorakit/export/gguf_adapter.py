@@ -81,7 +81,7 @@ def _target_name(pair: LoraPair, names, tied: bool, path: str) -> str:
             f"embedding, and llama.cpp has no separate head tensor to apply the pair to."))
     if tied and pair.embedding:
         # llama.cpp finds a LoRA pair by tensor name, and a tied model's head *is* token_embd: the pair made
-        # for the input lookup would also be applied, with the wrong shapes, to the output product.
+        # for the input lookup is also applied, with the wrong shapes, to the output product (llama.cpp aborts).
         raise ExportError(merge_advice(
             f"{path}: the adapter wraps the token embedding {pair.module} of a model whose output head is tied "
             f"to it; llama.cpp would apply the embedding's pair to the head as well."))
