@@ -295,8 +295,13 @@ def _first(sd):
 
 
 class _Code:
+    """Unpickling this makes the folder ``marker``: proof that code from the file ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return (os.system, ("echo this would have run",))
+        return (os.mkdir, (self.marker,))
 
 
 def _bin_only(payload):
@@ -368,10 +373,11 @@ def test_bad_adapter_folder(case, entry, saved, tmp_path):
 def test_a_pickle_that_would_run_code_is_refused_even_when_pickles_are_allowed(saved, tmp_path):
     folder = tmp_path / "adapter"
     shutil.copytree(saved, folder)
-    _bin_only(pickle.dumps({"x": _Code()}))(folder)
+    marker = tmp_path / "code-ran"
+    _bin_only(pickle.dumps({"x": _Code(marker)}))(folder)
     msg = refused(base(), lambda m: LoraModel.from_pretrained(m, folder, allow_pickle=True), AdapterLoadError,
                   "refused: not plain tensors")
-    assert "weights_only" not in msg
+    assert "weights_only" not in msg and not marker.exists()
 
 
 def test_a_missing_folder_and_a_file_in_its_place(tmp_path, saved):
@@ -379,3 +385,10 @@ def test_a_missing_folder_and_a_file_in_its_place(tmp_path, saved):
     (tmp_path / "file").write_text("x")
     refused(wrapped(), lambda m: m.load_adapter(tmp_path / "file", "other"), AdapterLoadError, "file")
     refused(wrapped(), lambda m: m.load_adapter(saved, "default"), LoraError, "default")
+
+
+def test_a_second_adapter_training_shared_biases_is_refused_on_load(saved, tmp_path):
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved, folder)
+    _edit_config(bias="all")(folder)
+    refused(wrapped(), lambda m: m.load_adapter(folder, "other"), LoraError, "bias='all'")

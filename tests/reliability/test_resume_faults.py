@@ -5,8 +5,10 @@ refused in one line, the model untouched. Leftovers of killed runs are removed a
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -57,9 +59,20 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-class _Code:  # a pickle that names a class: torch's weights_only loader refuses to build it
+MARKER = Path(tempfile.gettempdir()) / f"lorakit-code-ran-{os.getpid()}"
+
+
+class _Code:
+    """Unpickling this makes the folder MARKER: proof that code from the file ran."""
+
     def __reduce__(self):
-        return (print, ("this would have run",))
+        return (os.mkdir, (str(MARKER),))
+
+
+@pytest.fixture(autouse=True)
+def no_code_ran():
+    yield
+    assert not MARKER.exists(), "code from a pickle ran"
 
 
 DAMAGE = {
