@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import LoraConfig, TaskType
 from .errors import LoraError, TargetError
-from .hf.quant import is_quantized_weight
+from .hf.quant import quantized_kind
 from .layers import LoraLayer, ModulesToSave
 from .layers.routing import BASE
 from .targets import module_kind, pattern_value, select_targets, unmatched_pattern_keys
@@ -186,9 +186,9 @@ def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | No
             fin, fout = m.weight.shape
         else:
             fin, fout = m.in_features, m.out_features
-        if config.use_dora and is_quantized_weight(getattr(m, "weight", None)):
-            raise TargetError(f"use_dora=True on the quantized (4/8-bit) layer {n!r} is not supported: DoRA needs the "
-                              f"base weight's row norms. Load the base model in bf16/fp32, or use plain LoRA (QLoRA).")
+        if config.use_dora and quantized_kind(getattr(m, "weight", None)) == "bnb 8bit":
+            raise TargetError(f"use_dora=True on the 8-bit layer {n!r} is not supported: DoRA reads the base weight's "
+                              f"values (4-bit bases work: QDoRA). Load the base in 4 bits or bf16/fp32, or use plain LoRA.")
         targets.append(TargetSpec(n, kind, int(fin), int(fout), r, alpha, config.scaling_for(r, alpha),
                                   dora=config.use_dora))
 

@@ -263,14 +263,47 @@ def test_delete_and_unload_leave_no_magnitude():
     assert not any("lora_" in n for n, _ in plain.named_parameters())
 
 
-def test_dora_is_refused_on_a_quantized_layer(monkeypatch):
+def test_dora_is_refused_on_an_8bit_layer(monkeypatch):
     import lorakit.plan as plan
 
-    monkeypatch.setattr(plan, "is_quantized_weight", lambda w: w is not None)  # every layer looks 4-bit
+    monkeypatch.setattr(plan, "quantized_kind", lambda w: "bnb 8bit" if w is not None else None)
     base = build("llama")
-    with pytest.raises(TargetError, match="use_dora=True on the quantized"):
+    with pytest.raises(TargetError, match="use_dora=True on the 8-bit layer"):
         get_peft_model(base, LoraConfig(target_modules=["q_proj"], use_dora=True))
     assert not any(p.requires_grad is False for p in base.parameters())  # nothing changed
+
+
+def test_qdora_on_a_4bit_base_matches_peft(tmp_path):
+    """DoRA over a bitsandbytes 4-bit base (QDoRA): the weight's values are dequantized for the norm and the
+    dropped-input product, as peft does; fresh magnitudes, logits and 5 AdamW steps equal peft's."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from lorakit import bnb_4bit_config
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_4bit_config(), device_map="cpu")
+
+    kw = dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(load(), peft.LoraConfig(**kw))
+    ours = get_peft_model(load(), LoraConfig(**kw))
+    other = peft.get_peft_model_state_dict(theirs)
+    for key, value in ours.lora_state_dict().items():
+        if key.endswith("lora_magnitude_vector"):
+            torch.testing.assert_close(value, other[key], atol=1e-6, rtol=1e-6, msg=key)
+    ours.load_lora_state_dict(_perturb(theirs))
+    ours.train(), theirs.train()  # (bitsandbytes would repack 4-bit weights for CPU inference in eval mode)
+    x = torch.randint(3, 97, (2, 8))
+    with torch.no_grad():
+        assert_logits_close(ours(input_ids=x).logits, theirs(input_ids=x).logits)
+    batches = [{"input_ids": x, "labels": x}] * 5
+    assert _train(ours, batches) == pytest.approx(_train(theirs, batches), rel=1e-4)
 
 
 @pytest.mark.parametrize("family,path", [("llama", "model.layers.0.self_attn.q_proj"), ("gpt2", "transformer.h.0.attn.c_attn"),

@@ -65,6 +65,21 @@ def is_quantized_weight(weight) -> bool:
     return quantized_kind(weight) is not None
 
 
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """The full-precision values of a weight: a bitsandbytes 4-bit one dequantized (a new tensor, in its compute
+    dtype), any other as it is. 8-bit weights are not read this way (nothing in lorakit needs them)."""
+    kind = quantized_kind(weight)
+    if kind is None:
+        return weight
+    if kind != "bnb 4bit" or _is_packed(weight):
+        what = f"{kind} weight" + (" packed for CPU inference" if kind == "bnb 4bit" else "")
+        raise LoraError(f"cannot read the values of a {what}; use a 4-bit (NF4/FP4) base loaded with "
+                        f"lorakit.bnb_4bit_config and wrapped before it is evaluated.")
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
 def stored_elements(p: torch.Tensor) -> int:
     """How many weights a parameter holds: 4-bit ones pack two values per stored byte."""
     return p.numel() * (2 if quantized_kind(p) == "bnb 4bit" else 1)

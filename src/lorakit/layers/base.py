@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraError
-from ..hf.quant import is_quantized_weight
+from ..hf.quant import dequantized, is_quantized_weight
 from .dora import dora_linear_delta, dora_merged_weight, dora_unmerged_weight, weight_norm
 from .routing import BASE, current_rows
 
@@ -102,7 +102,7 @@ class LoraLayer(nn.Module):
         """Make adapter ``name`` a DoRA adapter: its magnitude starts at ``||W + s B A||`` per output feature.
         Called last, after every init that changes A, B or the base weight (peft's order)."""
         dtype = self.adapter_parameters(name)[0].dtype
-        w = self._rows(self.base_layer.weight.detach()).to(dtype)
+        w = self._rows(dequantized(self.base_layer.weight).detach()).to(dtype)
         self.lora_magnitude_vector[name] = nn.Parameter(weight_norm(w, self._rows(self.delta_weight(name)).to(dtype)))
         # parameters listed after A and B, in peft's order (optimizer groups and their saved state follow it)
         self._modules["lora_magnitude_vector"] = self._modules.pop("lora_magnitude_vector")
@@ -228,7 +228,8 @@ class LoraLayer(nn.Module):
         """A linear layer's output with DoRA adapter ``name`` (layers/dora.py), in the adapter's dtype as plain LoRA;
         the embedding overrides ``_add``."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        delta = dora_linear_delta(x.to(A.dtype), result, self._rows(self.base_layer.weight).to(A.dtype),
+        W = dequantized(self.base_layer.weight)  # a 4-bit base: its values, each call (QDoRA, as peft)
+        delta = dora_linear_delta(x.to(A.dtype), result, self._rows(W).to(A.dtype),
                                   self.base_layer.bias, A, B, self.scaling[name], self.lora_magnitude_vector[name],
                                   None if isinstance(self.lora_dropout[name], nn.Identity) else self.lora_dropout[name])
         return add_delta(result, delta)
