@@ -306,6 +306,9 @@ class LoraConfig:
         """
         from . import __version__
 
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"an adapter config is a mapping of field -> value (adapter_config.json's object); "
+                              f"got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in data.items():
@@ -335,6 +338,9 @@ class LoraConfig:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "LoraConfig":
         """Read ``directory/adapter_config.json`` (or a path to the JSON file itself)."""
+        if not isinstance(directory, (str, os.PathLike)):
+            raise ConfigError(f"the adapter folder must be a path (str or os.PathLike); got {type(directory).__name__} "
+                              f"{directory!r}.")
         path = os.fspath(directory)
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)

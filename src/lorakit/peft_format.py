@@ -147,6 +147,9 @@ def peft_load_options(adapter_dir: str | os.PathLike, kwargs: dict) -> str:
     nothing (adapters go to their base layers' devices); ``autocast_adapter_dtype=False`` (adapters in a
     half-precision base's dtype) and ``config=`` (overriding the saved config) are not supported.
     """
+    if not isinstance(adapter_dir, (str, os.PathLike)):
+        raise AdapterLoadError(f"the adapter folder must be a path (str or os.PathLike); got "
+                               f"{type(adapter_dir).__name__} {adapter_dir!r}.")
     path = os.fspath(adapter_dir)
     for key, value in kwargs.items():
         if key == "subfolder":

@@ -244,6 +244,10 @@ CALL_CASES = {
         {"base_model.model.nowhere.lora_A.weight": sd[k]}))), AdapterLoadError, "nowhere"),
     "state dict int key": (wrapped, lambda m: m.load_lora_state_dict(_sd(m, lambda sd, k: sd.update(
         {7: sd[k]}))), AdapterLoadError, "7"),
+    "from_pretrained with a non-path": (base, lambda m: LoraModel.from_pretrained(m, 5), AdapterLoadError, "path"),
+    "load_adapter with a non-path": (wrapped, lambda m: m.load_adapter(["a"], "b"), AdapterLoadError, "path"),
+    "config from a list": (base, lambda m: LoraConfig.from_dict([("r", 4)]), ConfigError, "mapping"),
+    "config from a non-path": (base, lambda m: LoraConfig.from_pretrained(None), ConfigError, "path"),
     "state dict for an unknown adapter": (wrapped, lambda m: m.load_lora_state_dict(m.lora_state_dict(), "nope"),
                                           LoraError, "nope"),
 }
