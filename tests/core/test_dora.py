@@ -387,3 +387,21 @@ def test_training_loop_with_dora_equals_the_models_own_loss(tmp_path):
     mine = losses[True]
     assert len(mine) == 8 and mine[-1] + mine[-2] < mine[0] + mine[1], mine  # 4 epochs of 2 batches: it learns
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bfloat16_base_matches_peft_bit_for_bit(family):
+    """float32 adapters and magnitudes over a bfloat16 base: the same logits and merged weights, bit for bit."""
+    base = build(family).to(torch.bfloat16)
+    kw = dict(r=4, target_modules=TARGETS[family][:2], use_dora=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    ours = get_peft_model(base, LoraConfig(**kw))
+    assert all(p.dtype == torch.float32 for n, p in ours.named_parameters() if "lora_" in n)
+    ours.load_lora_state_dict(_perturb(theirs))
+    batch = batch_for(family)
+    assert torch.equal(logits(ours, batch), logits(theirs, batch))
+    mine, other = ours.merge_and_unload().state_dict(), theirs.merge_and_unload().state_dict()
+    for key, value in other.items():
+        assert torch.equal(mine[key], value), key
