@@ -1,9 +1,37 @@
-"""LoraModel.forward's fused causal-LM loss against the model's own loss."""
+"""LoraModel.forward's fused causal-LM loss against the model's own loss, and which of the two ran."""
 import pytest
 import torch
 
 import lorakit
+from lorakit import kernels
+from lorakit.loss import fused_forward, lm_loss
+from lorakit.loss.state import loss_state
 from tiny import fused_and_own, ids, randomize_lora, tiny_bloom, tiny_gpt2, tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    """The fused loss is a kernel: these tests compare it with the model's own, whatever LORAKIT_KERNELS says."""
+    with kernels.enabled_as(True):
+        yield
+
+
+def _verdict(m):
+    return loss_state(m).verdict
+
+
+def _run(m, **kw):
+    """(output of m(**kw), whether the model's own forward made it: its head ran over every position)."""
+    head = m.model.get_output_embeddings()
+    shapes = []
+    handle = head.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(inp[0].shape[:2])))
+    try:
+        out = m(**kw)
+    finally:
+        handle.remove()
+    own = tuple(kw["input_ids"].shape) in shapes
+    assert own == (type(out).__name__ != "FusedLossOutput")  # the fused output never ran the head (yet)
+    return out, own
 
 
 def tiny_gptj():  # an LM head with a bias
@@ -53,7 +81,7 @@ def test_training_forward_with_labels_is_fused_and_equals_the_models_loss(make, 
             mod.p = 0.0
     m = _lora(base).train()
     out, ref, fused, own = fused_and_own(m, _batch(masked))
-    assert type(out).__name__ == "FusedLossOutput" and m._fused_ok is True
+    assert type(out).__name__ == "FusedLossOutput" and _verdict(m) is True
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)  # computed on reading, same values
     for n, g in own.items():
@@ -128,14 +156,49 @@ def test_with_dropout_fused_and_own_forward_draw_the_same_masks():
 def test_eval_no_labels_and_switched_off_keep_the_models_forward():
     m = _lora(tiny_llama())
     batch = _batch()
-    assert m.eval()(**batch).logits is not None
+    assert _run(m.eval(), **batch)[1]
     m.train()
-    assert m(input_ids=batch["input_ids"]).logits is not None
+    assert _run(m, input_ids=batch["input_ids"])[1]
     with torch.no_grad():
-        assert m(**batch).logits is not None
+        assert _run(m, **batch)[1]
+    assert not _run(m, **batch)[1]  # training with labels: fused
+    assert _run(m, **batch, output_hidden_states=True)[1]  # keys it does not handle
+    assert _run(m, **batch, return_logits=True)[1]
     m.fused_loss = False
-    assert m(**batch).logits is not None
-    assert m(**batch, output_hidden_states=True).logits is not None  # keys it does not handle
+    assert _run(m, **batch)[1]
+
+
+def test_kernels_off_runs_the_models_own_loss_without_deciding_anything():
+    m = _lora(tiny_llama()).train()
+    batch = _batch()
+    with kernels.enabled_as(False):
+        out, own = _run(m, **batch)
+    assert own and _verdict(m) is None  # not checked, not refused: kernels were off
+    fused, own = _run(m, **batch)
+    assert not own and _verdict(m) is True
+    torch.testing.assert_close(fused.loss, out.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_the_training_loop_and_the_forward_share_one_check(monkeypatch):
+    calls = []
+    real = lm_loss.check_fast_loss
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(lm_loss, "check_fast_loss", counting)
+    monkeypatch.setattr(fused_forward, "check_fast_loss", counting)
+    m = _lora(tiny_llama()).train()
+    batch = _batch()
+    total = lm_loss.LossComputer(m)(batch)
+    assert calls == [1] and _verdict(m) is True
+    out, own = _run(m, **batch)
+    assert calls == [1] and not own  # the forward took the loop's verdict
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(out.loss, total / n, rtol=1e-5, atol=1e-6)
+    loss_state(m).verdict = False  # a verdict against the fused loss holds for both too
+    assert _run(m, **batch)[1] and not lm_loss.LossComputer(m).is_fast
 
 
 def test_num_items_in_batch_divides_the_sum_as_hf_does():
@@ -149,20 +212,18 @@ def test_num_items_in_batch_divides_the_sum_as_hf_does():
 
 def test_not_a_causal_lm_task_is_left_alone():
     m = _lora(tiny_llama(), task_type="FEATURE_EXTRACTION").train()
-    assert m(**_batch()).logits is not None
+    assert _run(m, **_batch())[1]
 
 
 def test_router_loss_model_uses_its_own_loss():
     m = _lora(tiny_llama()).train()
     m.model.config.output_router_logits = True   # a mixture-of-experts model adding its router loss
-    out = m(**_batch())
-    assert out.logits is not None
+    assert _run(m, **_batch())[1]
 
 
 def test_logit_softcapping_model_uses_its_own_loss():
     m = _lora(tiny_llama(final_logit_softcapping=5.0)).train()
-    out = m(**_batch())
-    assert out.logits is not None and m._fused_ok is False
+    assert _run(m, **_batch())[1] and _verdict(m) is False
 
 
 def test_a_head_that_disagrees_is_caught_once_and_never_used():
@@ -178,8 +239,8 @@ def test_a_head_that_disagrees_is_caught_once_and_never_used():
 
     m.model.forward = shifted
     with pytest.warns(UserWarning, match="fast loss"):
-        out = m(**_batch())
-    assert m._fused_ok is False and out.logits is not None
+        out, own = _run(m, **_batch())
+    assert _verdict(m) is False and own
 
 
 def test_trainable_head_copy_gets_the_same_gradient():
@@ -236,9 +297,9 @@ def test_first_batch_without_labelled_tokens_does_not_switch_the_fused_loss_off(
     batch = _batch()
     empty = dict(batch, labels=torch.full_like(batch["labels"], -100))
     m(**empty)
-    assert m._fused_ok is None  # undecided, not False
+    assert _verdict(m) is None  # undecided, not False
     out = m(**batch)
-    assert m._fused_ok is True and type(out).__name__ == "FusedLossOutput"
+    assert _verdict(m) is True and type(out).__name__ == "FusedLossOutput"
 
 
 def test_length_one_rows_with_labels_keep_the_models_own_loss():

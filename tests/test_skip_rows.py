@@ -1,17 +1,28 @@
-"""skip_rows: the loss path's feed-forward blocks run only where their result is read, same numbers."""
+"""loss.ffn_skip: the loss path's feed-forward blocks run only where their result is read, same numbers."""
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 from torch import nn
 
-from lorakit import LoraConfig, get_peft_model
+from lorakit import LoraConfig, get_peft_model, kernels
+from lorakit.kernels import guards
 from lorakit.loss import ffn_skip as skip_rows
 from lorakit.loss.lm_loss import IGNORE_INDEX, LossComputer, fast_loss_sum, fast_path_parts
 
 from tiny import FAMILIES, VOCAB, build, perturb_lora, single_thread  # noqa: F401
 
 CAUSAL = sorted(name for name, fam in FAMILIES.items() if fam.kind == "causal")
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    """Skipping is a kernel of the fused loss: compared here with the plain body, whatever LORAKIT_KERNELS says."""
+    monkeypatch.setattr(guards, "_said", set())  # each test sees its own fallback warnings
+    with kernels.enabled_as(True):
+        yield
 
 
 def _padded_batch(side: str, seed: int = 5) -> dict[str, torch.Tensor]:
@@ -156,7 +167,7 @@ def _stack(block_cls):
 
 
 @pytest.mark.parametrize("block_cls", [_FlatMLP, _ShapeBoundMLP])
-def test_a_block_that_cannot_take_gathered_rows_switches_skipping_off_and_gives_the_plain_result(block_cls):
+def test_a_block_that_cannot_take_gathered_rows_switches_skipping_off_and_gives_the_plain_result(block_cls, caplog):
     torch.manual_seed(0)
     body, layers = _stack(block_cls)
     x = torch.randn(2, 5, 8)
@@ -167,10 +178,34 @@ def test_a_block_that_cannot_take_gathered_rows_switches_skipping_off_and_gives_
             h = layer(h)
         return h
 
-    out = skip_rows.run_with_rows(body, _KEEP, _KEEP, run)
+    with caplog.at_level(logging.WARNING, logger="lorakit.kernels"):
+        out = skip_rows.run_with_rows(body, _KEEP, _KEEP, run)
     torch.testing.assert_close(out, run())
     assert not skip_rows.usable(body)
     assert not any(layer.mlp._forward_hooks or layer.mlp._forward_pre_hooks for layer in layers)
+    # said once, with the reason
+    assert "cannot run on gathered rows" in caplog.text and ("RuntimeError" in caplog.text or "_NotOneTensor" in caplog.text)
+    other, _ = _stack(block_cls)
+    assert skip_rows.usable(other)  # per body: another model keeps skipping
+
+
+class _TypeErrorMLP(nn.Module):
+    """A block that breaks on gathered rows with an error that is not a shape failure: not ours to swallow."""
+
+    def __init__(self, d: int):
+        super().__init__()
+
+    def forward(self, x):
+        if x.shape[0] == 1:
+            raise TypeError("a bug in the block")
+        return x
+
+
+def test_only_shape_failures_switch_skipping_off():
+    body, layers = _stack(_TypeErrorMLP)
+    with pytest.raises(TypeError, match="a bug in the block"):
+        skip_rows.run_with_rows(body, _KEEP, _KEEP, lambda: layers[0](torch.randn(2, 5, 8)))
+    assert skip_rows.usable(body)
 
 
 def test_an_error_without_skipping_reaches_the_caller():

@@ -22,7 +22,8 @@ from .hf.signature import signed_forward
 from .layers import LoraLayer, ModulesToSave, wrapper_for
 from .layers.routing import BASE, adapter_rows
 from .kernels import SharedDropout
-from .loss.fused_forward import fused_loss_applies, fused_loss_forward
+from .loss import fused_forward
+from .loss.state import loss_state
 from .peft_format import adapter_state_dict, check_state_dict, peft_load_options, read_checked, save_adapter
 from .plan import AdapterPlan, as_adapter_names, check_new_adapter, plan_adapter, trained_biases
 from .hf.quant import guard_cpu_4bit_training, is_quantized_model, stored_elements
@@ -52,9 +53,8 @@ class LoraModel(PeftCompatMixin, nn.Module):
         self._plans: dict[str, AdapterPlan] = {}
         self.active_adapter: str | None = None
         self._unloaded = False
-        #: training with labels computes a causal LM's loss fused (see forward); False: the model's own
+        #: training with labels computes a causal LM's loss fused where kernels run (see forward); False: its own
         self.fused_loss = True
-        self._fused_ok: bool | None = None  # fused loss checked against the model's own: None = not yet
         for p in model.parameters():
             p.requires_grad_(False)
         if is_quantized_model(model):
@@ -138,7 +138,7 @@ class LoraModel(PeftCompatMixin, nn.Module):
             self._mark_trainable()
         if dropout is not None:
             dropout.train(self.training)
-        self._fused_ok = None  # a new head copy (modules_to_save) is checked again
+        loss_state(self).reset()  # a new head copy (modules_to_save) is checked again
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter (the one used, trained and saved by default).
@@ -280,8 +280,10 @@ class LoraModel(PeftCompatMixin, nn.Module):
             with rows:
                 # per-row adapters keep the model's own forward: the fused path's one-row self-check and its
                 # single head would not follow the rows
-                if adapter_names is None and not args and not return_logits and fused_loss_applies(self, kwargs):
-                    return fused_loss_forward(self, kwargs)
+                if adapter_names is None and not args and not return_logits:
+                    out = fused_forward.forward(self, kwargs)  # a loss path (lorakit.loss), or None
+                    if out is not None:
+                        return out
                 return self.model(*args, **kwargs)
         finally:
             if adapter_names is not None:

@@ -108,3 +108,75 @@ def test_lora_add_in_place_reuses_the_base_output_and_no_grad_path_agrees():
     view_base = torch.zeros(3, 10, 5, dtype=torch.float64).transpose(1, 2)  # not contiguous: no in-place
     out2 = lora_add(view_base, x, A, B, 1.5, None, True)
     assert out2.data_ptr() != view_base.data_ptr() and not view_base.any()
+
+
+# -- the kernels against the reference math (layers.linear) ------------------------------------
+
+def _reference(base_out, x, A, B, s):
+    from lorakit.layers.linear import lora_linear_delta
+
+    return base_out + lora_linear_delta(x, A, B, s)
+
+
+def test_generation_kernel_equals_the_reference_and_declines_unfit_operands():
+    from lorakit.kernels import generation_add
+
+    x, A, B = _params()
+    base_w = torch.randn(10, 12, dtype=torch.float64)
+    with torch.no_grad():
+        want = _reference(x @ base_w.t(), x, A, B, 1.5)
+        result = x @ base_w.t()
+        out = generation_add(result, x, A, B, 1.5, None, True)
+        assert out is result  # written into the base output
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        assert generation_add(x @ base_w.t(), x, A, B, 1.5, None, False) is None  # may not write the output
+        assert generation_add((x @ base_w.t()).float(), x, A, B, 1.5, None, True) is None  # dtypes differ
+        odd = torch.zeros(3, 10, 5, dtype=torch.float64).transpose(1, 2)
+        assert generation_add(odd, x, A, B, 1.5, None, True) is None and not odd.any()
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_autograd_kernel_equals_the_reference_with_gradients(inplace):
+    from lorakit.kernels import branch_add
+
+    x, A, B = _params()
+    base_w = torch.randn(10, 12, dtype=torch.float64)
+    out = branch_add(x @ base_w.t(), x, A, B, 2.5, None, inplace)
+    ref = _reference(x @ base_w.t(), x, A, B, 2.5)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, gr in zip(_grads(out, x, A, B), _grads(ref, x, A, B)):
+        torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-10)
+    frozen = [t.detach() for t in (x, A, B)]
+    assert branch_add(frozen[0] @ base_w.t(), *frozen, 2.5, None, inplace) is None  # nothing needs a gradient
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_lora_layer_through_its_kernels_equals_its_reference_path(conv1d, grad):
+    from lorakit import kernels
+    from lorakit.layers import LoraLinear
+
+    torch.manual_seed(0)
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        base = Conv1D(10, 12)
+    else:
+        base = nn.Linear(12, 10)
+    layer = LoraLinear(base.requires_grad_(False))
+    layer.add_adapter("default", 4, 8, 2.0, None, "gaussian")
+    nn.init.normal_(layer.lora_B["default"].weight)
+    layer.set_active(["default"])
+    x = torch.randn(3, 5, 12, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out = layer(x)
+        with kernels.enabled_as(False):
+            ref = layer(x)
+    node = type(out.grad_fn).__name__ if out.grad_fn is not None else None
+    # a plain nn.Linear trains in the sibling kernel (a group of one), Conv1D in the per-module one
+    assert node == (None if not grad else "_AddBranchBackward" if conv1d else "_SiblingLinearBackward")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if grad:
+        params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        for g, gr in zip(torch.autograd.grad(out.square().sum(), params), torch.autograd.grad(ref.square().sum(), params)):
+            torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)

@@ -1,11 +1,11 @@
-"""layers.fusion: LoRA linears reading one input run as one node, learned from calls, never at the cost of a value."""
+"""kernels.fusion: LoRA linears reading one input run as one node, learned from calls, never at the cost of a value."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from lorakit import LoraConfig, get_peft_model
+from lorakit import LoraConfig, get_peft_model, kernels
 from lorakit.kernels import fusion
 from lorakit.layers import LoraLinear
 from tiny import graph_nodes, ids, randomize_lora, tiny_llama
@@ -40,13 +40,22 @@ def _pair(*outs):
 
 
 @pytest.fixture
-def no_fusion():
+def no_fusion(monkeypatch):
+    """Run ``fn`` with the sibling kernel declining every call: each layer takes the per-module branch kernel
+    (the same masks, so the same numbers even with dropout)."""
     def run(fn, *a, **kw):
-        fusion.enabled = False
-        try:
+        with monkeypatch.context() as m:
+            m.setattr(fusion, "fused_forward", lambda layer, x: None)
             return fn(*a, **kw)
-        finally:
-            fusion.enabled = True
+    return run
+
+
+@pytest.fixture
+def reference():
+    """Run ``fn`` with every kernel off: the reference path (torch's dropout: use it without dropout)."""
+    def run(fn, *a, **kw):
+        with kernels.enabled_as(False):
+            return fn(*a, **kw)
     return run
 
 
@@ -71,13 +80,26 @@ def test_fused_training_equals_the_per_module_path(dropout, no_fusion):
     assert attn.o_proj._fuse.siblings == () and mlp.down_proj._fuse.siblings == ()
 
 
+def test_fused_training_equals_the_reference_path(reference):
+    a, b = _model(0.0), _model(0.0)
+    batch = ids(3, 9)
+    for step in range(2):
+        la, ga, nodes = _step(a, batch, step)
+        lb, gb, plain = reference(_step, b, batch, step)
+        assert plain == 0 and (nodes == 8 or step == 0)
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+        assert ga.keys() == gb.keys()
+        for n in ga:
+            torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_groups_are_learned_without_autograd_so_the_first_step_is_fused():
     m = _model()
     batch = ids(2, 6)
     with torch.no_grad():
         m.eval()(input_ids=batch)  # a plain evaluation teaches nothing (generation pays no bookkeeping)
     assert m.model.model.layers[0].self_attn.q_proj._fuse.siblings == ()
-    with torch.no_grad(), fusion.learning():  # as the fused loss's first check runs
+    with torch.no_grad(), fusion.learning():  # as the fused loss's first check runs (kernels.dispatch.learning)
         m(input_ids=batch)
     m.train()
     _, _, nodes = _step(m, batch, 0)

@@ -1,4 +1,4 @@
-"""The LoRA branch, scaling * B(A(dropout(x))), arranged to touch big tensors least.
+"""The LoRA branch, scaling * B(A(dropout(x))), added into the base output on the CPU, touching big tensors least.
 
 With x [N, in], A [r, in], B [out, r], mask m and keep rate 1-p:
 
@@ -7,13 +7,15 @@ With x [N, in], A [r, in], B [out, r], mask m and keep rate 1-p:
 Both scale factors multiply the small [N, r] product instead of an [N, in] or [N, out]
 tensor, and ``x * m`` is computed once per input tensor and shared by every module reading
 it (SharedDropout), so backward saves one dropped activation per input instead of one float
-copy plus one mask per module.
+copy plus one mask per module. The same map as ``layers.linear.lora_linear_delta`` (the reference,
+which scales the output as peft does), to float rounding.
 
-``lora_add`` adds the branch straight into the base layer's output with one GEMM that
-accumulates (``addmm_``), and its backward picks the operand layouts that BLAS runs fast
-for skinny [N, r] products: on CPU ``g @ B`` as ``linear(g, B.T.contiguous())`` and
-``g.T @ h`` as ``(h.T @ g).T`` are 2.5-4x faster than the layouts autograd's generic
-backward of ``linear`` uses (measured on the 2-core dev VM, MKL, N=1024, r=8).
+``generation_add`` (no autograd) adds the branch with one accumulating GEMM (``addmm_``, the scale as
+its alpha); ``branch_add`` (autograd) is one node whose backward picks the operand layouts BLAS
+runs fast for skinny [N, r] products: ``g @ B`` as ``linear(g, B.T.contiguous())`` and ``g.T @ h``
+as ``(h.T @ g).T``, several times faster on the CPU than the layouts of autograd's generic backward
+of ``linear``. Both return None when their operands do not fit (dtypes, layout); the caller then
+runs the reference. ``kernels.dispatch`` chooses between them.
 """
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ from torch.nn import functional as F
 
 from .dropout import SharedDropout
 
-__all__ = ["add_delta", "lora_add", "lora_delta"]
+__all__ = ["branch_add", "generation_add", "lora_add", "lora_delta"]
 
 
 def _drop(x: torch.Tensor, dropout: nn.Module | None) -> tuple[torch.Tensor, float]:
     if isinstance(dropout, SharedDropout):
-        return dropout.drop(x, fresh_grads=True)  # only matmuls and casts read it (see lora_add)
+        return dropout.drop(x, fresh_grads=True)  # only matmuls and casts read it (see branch_add)
     if dropout is not None:
         return dropout(x), 1.0
     return x, 1.0
@@ -36,31 +38,17 @@ def _drop(x: torch.Tensor, dropout: nn.Module | None) -> tuple[torch.Tensor, flo
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                dropout: nn.Module | None) -> torch.Tensor:
-    """scaling * B(A(dropout(x))) with x [..., in], A [r, in], B [out, r], as a new tensor."""
+    """scaling * B(A(dropout(x))) with x [..., in], A [r, in], B [out, r], as a new tensor, the scale
+    folded into the [N, r] product (for code that adds the update itself, e.g. the benchmarks' hand wrapper)."""
     x, keep_scale = _drop(x, dropout)
     factor = float(scaling) * keep_scale
     if x.dtype != A.dtype:
         x = x.to(A.dtype)
-    # F.linear takes [..., in] as it is (no transposed views, one flattened GEMM): the cheapest call
-    # per layer, which is what decides generation speed with an unmerged adapter
     h = F.linear(x, A)
     if factor != 1.0:
         # linear's backward needs its input and weight, not its output: scaling h in place is safe
         h = h.mul_(factor)
     return F.linear(h, B)
-
-
-def add_delta(result: torch.Tensor, delta: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """``result + delta``, into ``result`` when ``inplace``.
-
-    A delta in a wider dtype (float32 adapters over a bf16/fp16 base) is added in that dtype and the
-    sum rounded once to the result's dtype, as peft does; rounding the delta first and then the sum
-    would round twice.
-    """
-    if delta.dtype == result.dtype:
-        return result.add_(delta) if inplace else result + delta
-    total = result.to(delta.dtype) + delta
-    return result.copy_(total) if inplace else total.to(result.dtype)
 
 
 class _AddBranch(torch.autograd.Function):
@@ -107,30 +95,44 @@ class _AddBranch(torch.autograd.Function):
         return grad, grad_x, grad_A, grad_B, None, None
 
 
-def lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-             dropout: nn.Module | None, inplace: bool) -> torch.Tensor:
-    """``result + scaling * B(A(dropout(x)))``, written into ``result`` when ``inplace`` allows.
+def _fits(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+    return x.dtype is A.dtype is B.dtype is result.dtype and x.shape[:-1] == result.shape[:-1]
 
-    ``inplace`` must be False when something saved ``result`` for backward (only the caller
-    knows: torch's own Linear does not). Without autograd (generation), in place with one dtype, it is
-    one F.linear and one accumulating GEMM with the scale as its alpha, the fewest calls per layer; with
-    autograd, matching dtypes and a contiguous result, the ``_AddBranch`` kernel; anything else the
-    generic path.
-    """
+
+def generation_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                   dropout: nn.Module | None, inplace: bool) -> torch.Tensor | None:
+    """``result += scaling * B(A(dropout(x)))`` without autograd: one F.linear and one accumulating GEMM with
+    the scale as its alpha (one token at a time, each op's fixed cost is what counts). None unless ``result``
+    may be written (``inplace``), is contiguous and all dtypes agree."""
+    if not (inplace and result.is_contiguous() and _fits(result, x, A, B)):
+        return None
+    factor = float(scaling)
     if dropout is not None:
         x, keep_scale = _drop(x, dropout)
-        factor = float(scaling) * keep_scale
-    else:
-        factor = float(scaling)
-    if (not torch.is_grad_enabled() and inplace and x.dtype == A.dtype == B.dtype == result.dtype
-            and result.is_contiguous() and x.shape[:-1] == result.shape[:-1]):
-        # generation: two calls per layer, the scale applied inside the accumulating product (one token
-        # at a time, each op's fixed cost is what counts: ~7% of an unmerged decoding step)
-        h = F.linear(x, A)
-        result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=factor)
-        return result
-    if (not torch.is_grad_enabled() or x.dtype != A.dtype or result.dtype != A.dtype
-            or x.shape[:-1] != result.shape[:-1] or not (x.requires_grad or A.requires_grad or B.requires_grad)):
-        return add_delta(result, lora_delta(x, A, B, factor, None), inplace)
+        factor *= keep_scale
+    h = F.linear(x, A)
+    result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=factor)
+    return result
+
+
+def branch_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+               dropout: nn.Module | None, inplace: bool) -> torch.Tensor | None:
+    """``result + scaling * B(A(dropout(x)))`` as one autograd node, written into ``result`` when ``inplace``
+    allows (only the caller knows whether something saved ``result`` for backward: torch's own Linear does
+    not). None unless all dtypes agree and something needs a gradient."""
+    if not (_fits(result, x, A, B) and (x.requires_grad or A.requires_grad or B.requires_grad)):
+        return None
+    factor = float(scaling)
+    if dropout is not None:
+        x, keep_scale = _drop(x, dropout)
+        factor *= keep_scale
     inplace = inplace and result._base is None and result.is_contiguous()
     return _AddBranch.apply(result, x, A, B, factor, inplace)
+
+
+def lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+             dropout: nn.Module | None, inplace: bool) -> torch.Tensor | None:
+    """The kernel for the current grad mode (``generation_add`` or ``branch_add``), for callers outside
+    the dispatcher (benchmarks); None when its operands do not fit."""
+    kernel = branch_add if torch.is_grad_enabled() else generation_add
+    return kernel(result, x, A, B, scaling, dropout, inplace)

@@ -1,29 +1,28 @@
-"""linear_cross_entropy: the LM head and the token cross-entropy in one pass over row chunks.
+"""linear_cross_entropy: the LM head and the token cross-entropy without the full logits.
 
 ``sum_i CE(hidden_i @ W.T + b, target_i)``, the number HF's causal-LM loss sums, without ever
 holding the [tokens, vocab] logits. The usual path writes the logits, copies them for the label
 shift, writes log-softmax, and in backward writes a zero-filled gradient, the log-softmax
-gradient and the shift's gradient: six passes over a tensor that is 200 MB for 1024 tokens of a
-49k vocabulary, each a fresh allocation the kernel must fault in. Here each chunk of rows gets
-its logits, its log-softmax and, while they are in hand, the gradient of the loss with respect to
-the hidden rows (``(softmax - onehot) @ W``): backward only scales that saved [tokens, hidden]
-tensor. The GEMMs are the same ones autograd would run; the loss and gradients agree with the
-plain path to float32 rounding (tests/ops/test_cross_entropy.py).
+gradient and the shift's gradient: six passes over the largest tensor of a step (200 MB for 1024
+tokens of a 49k vocabulary), each a fresh allocation. Here each chunk of rows gets its logits, its
+log-softmax and, while they are in hand, the gradient of the loss with respect to the hidden rows
+(``(softmax - onehot) @ W``): backward only scales that saved [tokens, hidden] tensor. The GEMMs are
+the same ones autograd would run; the loss and gradients agree with the plain path to float32
+rounding (tests/kernels/test_cross_entropy.py).
 
-A trainable head (``W`` or ``b`` requiring grad) also gets its gradient accumulated per chunk.
-Half-precision heads compute logits in their dtype and the softmax in float32, as HF's loss does.
+Which form runs is ``kernels.dispatch``'s choice (``Choice.head``):
 
-A float32 frozen head on CPU (the usual LoRA case there) takes another route: row chunks over the whole vocabulary
-make two products per chunk that each read the head, and with few rows (short answers: a
-classification label is 1-3 tokens a row, 8-24 in a batch) they are memory-bound skinny GEMMs that
-MKL runs badly (16-150 ms for 2-8 rows of a 49k x 576 head on the dev VM, some layouts 10x slower than
-others); with many rows the [rows, vocab] logits and their softmax pass through memory several times.
-So the float32 path walks the vocabulary in blocks instead, once per 1024 rows: each block's logits, a
-running maximum and sum (the online softmax) and the running ``softmax @ W`` are formed while the
-block is in cache. 2-8 rows: 15-23 ms instead of 80-150; 24-96 rows: 15-25% faster; 1016 rows (a
-batch of 8 x 128): 683 ms instead of 817 (two cores); with oneDNN's products where usable
-(``ops.frozen_linear``) another 7-30%. On a GPU the many small per-block kernels
-would be launch-bound for long batches and big vocabularies, so CUDA tensors keep the row chunks.
+* ``chunked``: row chunks over the whole vocabulary. Trainable heads (``W`` or ``b`` requiring grad)
+  also get their gradient accumulated per chunk; half-precision heads compute logits in their dtype and
+  the softmax in float32, as HF's loss does.
+* ``one-pass`` (a float32 frozen head on the CPU, the usual LoRA case there): row chunks over the whole
+  vocabulary make two products per chunk that each read the head, and with few rows (a short answer:
+  1-3 labelled tokens a row) they are memory-bound skinny GEMMs that MKL runs badly; with many rows the
+  [rows, vocab] logits and their softmax pass through memory several times. So the head is walked in
+  vocabulary blocks instead, once per 1024 rows: each block's logits, a running maximum and sum (the
+  online softmax) and the running ``softmax @ W`` are formed while the block is in cache.
+* ``one-pass-onednn``: the same with oneDNN's products (``kernels.onednn``), which have no slow layout
+  for few rows.
 """
 from __future__ import annotations
 
@@ -31,6 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from ..constants import IGNORE_INDEX
+from . import dispatch, guards
 from . import onednn as frozen_linear
 
 __all__ = ["linear_cross_entropy"]
@@ -38,7 +38,7 @@ __all__ = ["linear_cross_entropy"]
 #: logits held at once, in elements (64 MiB of float32, 341 rows of a 49k vocabulary): bounded
 #: memory, and GEMMs tall enough to run near the machine's peak (128-row chunks cost ~10% more)
 _CHUNK_ELEMENTS = 16 * 1024 * 1024
-#: below this many rows the transposed products are faster on MKL (2-core dev VM, 49k vocabulary)
+#: below this many rows the transposed products are faster on MKL (a 49k vocabulary)
 _FEW_ROWS = 64
 #: a float32 frozen head is read once per this many rows, in vocabulary blocks (see above)
 _ONE_PASS_ROWS = 1024
@@ -99,11 +99,7 @@ def _finish(hidden, weight, bias, targets, run_max, run_sum, acc) -> tuple[torch
 
 def _one_pass_onednn(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                      need_h: bool, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``_one_pass`` with oneDNN's products (``ops.frozen_linear``), logits laid out [rows, block].
-
-    oneDNN has no slow layout for few rows: 24 rows of the 49k x 576 head 22 ms instead of 32 with MKL's
-    best, 257 rows 157 instead of 170, 1016 rows 581 instead of 623 (dev VM, two cores).
-    """
+    """``_one_pass`` with oneDNN's products (``kernels.onednn``), logits laid out [rows, block]."""
     n = hidden.shape[0]
     vocab = weight.shape[0]
     run_max = hidden.new_full((n, 1), torch.finfo(hidden.dtype).min)  # finite: see _one_pass
@@ -122,12 +118,12 @@ def _one_pass_onednn(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return _finish(hidden, weight, bias, targets, run_max, run_sum, acc)
 
 
-def _blocked(hidden, weight, bias, targets, need_h: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _blocked(hidden, weight, bias, targets, need_h: bool, onednn: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The float32 frozen-head path: ``_one_pass`` per group of ``_ONE_PASS_ROWS`` rows."""
     n = hidden.shape[0]
     one_pass = _one_pass
     block = _VOCAB_BLOCK if n <= _WIDE_BLOCK_ROWS else _VOCAB_BLOCK // 2
-    if frozen_linear.usable(hidden, weight, bias):
+    if onednn and frozen_linear.usable(hidden, weight, bias):
         one_pass, block = _one_pass_onednn, _VOCAB_BLOCK
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_h else None
@@ -166,7 +162,7 @@ def _chunked(hidden, weight, bias, targets, chunk: int, half_scale: float, need_
                 logits = torch.mm(h, weight.t(), out=buf_logits[:m])
             if bias is not None:
                 logits.add_(bias)
-            logp = torch.ops.aten._log_softmax.out(logits, 1, False, out=buf_logp[:m])
+            logp = guards.log_softmax_into(logits, buf_logp[:m])
         else:
             logp = torch.log_softmax(F.linear(h, weight, bias).float(), dim=1)
         total += logp.gather(1, t.unsqueeze(1)).sum().neg()
@@ -193,9 +189,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk: int, half_scale: float):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         fp32 = hidden.dtype == torch.float32 and weight.dtype == torch.float32
-        if (fp32 and hidden.device.type == "cpu" and not (need_w or need_b)
-                and (bias is None or bias.dtype == torch.float32)):
-            (total, grad_h), grad_w, grad_b = _blocked(hidden, weight, bias, targets, need_h), None, None
+        route = dispatch.head_route(hidden, weight, bias, frozen=not (need_w or need_b))
+        if route != dispatch.CHUNKED:
+            (total, grad_h), grad_w, grad_b = (_blocked(hidden, weight, bias, targets, need_h,
+                                                        route == dispatch.ONE_PASS_ONEDNN), None, None)
         else:
             total, grad_h, grad_w, grad_b = _chunked(hidden, weight, bias, targets, chunk, half_scale,
                                                      need_h, need_w, need_b)

@@ -1,11 +1,17 @@
-"""SharedDropout: one dropout mask per input tensor, shared by every LoRA module reading it."""
+"""SharedDropout: LoRA's dropout module; on the CPU one mask per input tensor, shared by every LoRA module reading it.
+
+Where the dispatcher chooses torch's dropout (any device but the CPU, kernels off, torch.compile) it is
+``F.dropout`` on the tensor's own device, with torch's generator there: no host RNG, no host copies.
+"""
 from __future__ import annotations
 
 import weakref
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from . import dispatch
 from .masks import draw_keep_mask, pack_keep, torch_seed, unpack_keep
 
 __all__ = ["SharedDropout"]
@@ -47,15 +53,17 @@ def _mul_keep_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def mul_keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x * keep in one pass.
+    """x * keep in one pass, for a CPU tensor ``x`` and its CPU bool mask (the CPU kernels' masks).
 
-    On CPU the mask is read as uint8 (0/1, the same bytes): torch's bool*float loop is ~20x slower
-    than numpy's, its uint8*float loop is vectorised and uses every thread (in a training step the
-    forward and backward masking took 100 + 68 ms with numpy, 60 + 50 ms so; two cores).
+    The mask is read as uint8 (0/1, the same bytes): torch's bool*float loop is far slower than its
+    vectorised uint8*float loop, which also uses every thread.
     """
-    if x.device.type == "cpu" and x.is_floating_point():
+    if not x.is_cpu:
+        raise ValueError(f"mul_keep is a CPU kernel; got a tensor on {x.device} (the dispatcher sends other "
+                         f"devices to torch's dropout)")
+    if x.is_floating_point():
         return x.detach() * keep.view(torch.uint8)
-    return x * keep.to(x.device)
+    return x * keep
 
 
 class SharedDropout(nn.Module):
@@ -69,6 +77,7 @@ class SharedDropout(nn.Module):
 
     ``forward(x)`` returns the usual ``dropout(x)``; LoRA branches call ``drop(x)``, which
     returns the unscaled ``x * mask`` and the 1/(1-p) factor to fold into the [N, r] product.
+    Where ``kernels.dispatch`` chooses torch's dropout, both are ``F.dropout`` (factor 1).
     """
 
     def __init__(self, p: float):
@@ -100,6 +109,8 @@ class SharedDropout(nn.Module):
         """
         if not self.active:
             return x, 1.0
+        if dispatch.dropout_route(x) != dispatch.SHARED_MASK:
+            return F.dropout(x, self.p, True), 1.0
         keep = self.keep_for(x)
         if self._dropped is not None:
             if not fresh_grads:
@@ -112,9 +123,12 @@ class SharedDropout(nn.Module):
     def keep_for(self, x: torch.Tensor) -> torch.Tensor:
         """The bool keep mask of ``x`` (x's shape, on the CPU), the same while ``x`` is the same tensor.
 
-        ``drop(x)`` applies this mask; fused kernels (``ops.siblings``) that apply it themselves take
+        ``drop(x)`` applies this mask; fused kernels (``kernels.siblings``) that apply it themselves take
         it from here, so every consumer of one input sees one mask however its product is computed.
+        A CPU kernel: other devices take torch's dropout (``dispatch.dropout_route``).
         """
+        if not x.is_cpu:
+            raise ValueError(f"keep_for draws CPU masks; got a tensor on {x.device}")
         key = self._key
         if (key is not None and key[0]() is x and key[1] == x._version
                 and key[2] == torch.is_grad_enabled()):
@@ -126,6 +140,10 @@ class SharedDropout(nn.Module):
         return self._keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        if dispatch.dropout_route(x) != dispatch.SHARED_MASK:
+            return F.dropout(x, self.p, True)
         # dropped * scale makes a new gradient in backward; dropped itself is handed out only unscaled
         dropped, scale = self.drop(x, fresh_grads=self.scale != 1.0)
         return dropped if scale == 1.0 else dropped * scale

@@ -1,4 +1,4 @@
-"""Training LoRA linears that read one input together (``ops.siblings``), found by watching calls.
+"""Training LoRA linears that read one input together (``kernels.siblings``), found by watching calls.
 
 q/k/v read one hidden state, gate/up another; which layers do is a fact of the model's forward,
 not of module names, so it is learned: consecutive calls of eligible layers with the *same tensor
@@ -8,46 +8,27 @@ a sibling hands that output back only when it is called with that very tensor. A
 (another input, an output left unclaimed) computes the sibling alone and stops grouping for that
 leader, so a wrong guess costs one wasted product, never a wrong value.
 
-Only in training on the CPU (autograd on, float32/float64 throughout, no autocast), for one active
-unmerged adapter over a plain ``nn.Linear`` with frozen weights and no hooks or replaced forward,
-and never while saved-tensor hooks are active (activation checkpointing recomputes a forward and
-expects the same autograd nodes; offloading hooks expect the usual ones): there the per-module path
-(``ops.branch.lora_add``) runs as before.
+``kernels.dispatch`` sends a call here (route "siblings", or "learn" for the fused loss's no-grad
+check) only in training on the CPU with float32/float64 tensors, no autocast, no hooks, no
+saved-tensor hooks (activation checkpointing recomputes a forward and expects the same autograd
+nodes; offloading hooks expect the usual ones) and not under torch.compile. What the layer must be
+is checked here (``_spec``): one active unmerged adapter over a plain ``nn.Linear`` with frozen
+weights; otherwise ``fused_forward`` returns None and the layer takes the per-module branch kernel.
 """
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import weakref
 from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module
 
+from .dispatch import learning
 from .dropout import SharedDropout
 from .siblings import sibling_linear
 
-__all__ = ["FuseState", "eligible", "enabled", "fused_forward", "learnable", "learning", "observe"]
-
-#: set False to run every layer through the per-module path (comparisons, debugging)
-enabled = True
-
-# > 0 while a lorakit check forward runs without autograd (``learning``): only then do such calls teach
-# groups, so generation and evaluation pay one flag test per layer call, nothing more
-_learning = [0]
-
-
-@contextlib.contextmanager
-def learning():
-    """No-grad forwards inside teach the groups (the training loss's first check runs in one)."""
-    _learning[0] += 1
-    try:
-        yield
-    finally:
-        _learning[0] -= 1
-
-
-_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+__all__ = ["FuseState", "fused_forward", "learning", "observe"]
 
 
 class FuseState:
@@ -67,17 +48,9 @@ class FuseState:
         return (FuseState, ())
 
 
-# the current run of eligible calls on one input: (weakref of x, version, [layers])
-_run: list = [None, -1, []]
-
-
-def _hooks_free() -> bool:
-    if _top_hooks is None:
-        return False
-    try:
-        return _top_hooks(False) is None
-    except Exception:  # a torch whose private API changed: stay on the per-module path
-        return False
+# the current run of eligible calls on one input: (weakref of x, version, [layers]). It belongs to the forward
+# pass in progress, whose layers run one after another in one thread: per context, like torch's grad mode
+_run: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("lorakit_sibling_run", default=None)
 
 
 class _Spec(NamedTuple):
@@ -113,34 +86,18 @@ def _spec(layer, x: torch.Tensor) -> _Spec | None:
     return _Spec(W, b, A, B, factor, drop, name)
 
 
-def eligible(x: torch.Tensor) -> bool:
-    """Whether this call may take the fused path at all (cheap checks first)."""
-    return torch.is_grad_enabled() and _conditions(x)
-
-
-def learnable(x: torch.Tensor) -> bool:
-    """A call without autograd inside ``learning()`` (the training loss's first check) that may teach
-    the groups, so that the first training step already runs fused: a run resumed from a checkpoint
-    then repeats the very products of the run it continues."""
-    return _learning[0] > 0 and not torch.is_grad_enabled() and _conditions(x)
-
-
-def _conditions(x: torch.Tensor) -> bool:
-    return (enabled and isinstance(x, torch.Tensor) and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu")
-            and not _module._global_forward_hooks and not _module._global_forward_pre_hooks
-            and not torch.compiler.is_compiling() and _hooks_free())
-
-
 def observe(layer, x: torch.Tensor) -> None:
-    """Note a call computed by the per-module path (see ``learnable``)."""
+    """Note a call without autograd inside ``learning()`` (the training loss's first check), so that the
+    first training step already runs fused: a run resumed from a checkpoint then repeats the very products
+    of the run it continues."""
     if layer.__dict__.get("_fuse") is not None and _spec(layer, x) is not None:
         _observe(layer, x)
 
 
 def _observe(layer, x: torch.Tensor) -> None:
-    ref, version, layers = _run
-    if ref is not None and ref() is x and version == x._version:
+    run = _run.get()
+    if run is not None and run[0]() is x and run[1] == x._version:
+        layers = run[2]
         if layer in layers:
             return
         layers.append(layer)
@@ -149,7 +106,7 @@ def _observe(layer, x: torch.Tensor) -> None:
         if state.ok and len(layers) > len(state.siblings):
             state.siblings = tuple(layers)
         return
-    _run[:] = [weakref.ref(x), x._version, [layer]]
+    _run.set((weakref.ref(x), x._version, [layer]))
 
 
 def _compute(x: torch.Tensor, specs: list[_Spec]) -> tuple:

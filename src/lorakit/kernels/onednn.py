@@ -1,18 +1,15 @@
 """Products with the base model's frozen linear weights, through oneDNN on the CPU.
 
-LoRA training spends ~75% of a step in two products per frozen linear: ``x @ W.T`` forward and
+LoRA training spends most of a step in two products per frozen linear: ``x @ W.T`` forward and
 ``g @ W`` for the input gradient. torch runs float32 ``F.linear``/``mm`` on the CPU through MKL's
 sgemm; its own oneDNN kernels (``torch.ops.mkldnn._linear_pointwise``, what torch.compile emits for
-CPU linears) run the same products faster where MKL takes a generic path, as on AMD CPUs. Measured on
-the 2-core AMD EPYC dev VM (AVX-512), weights cold as in a step, float32 GFLOP/s:
+CPU linears) run the same products faster where MKL takes a generic path, as on AMD CPUs.
 
-    [M, 576] x [576, 1536]   M=257: MKL 121-169, oneDNN 161-175      M=1016: MKL 161-183, oneDNN 188-190
-    g @ W (input gradient)   M=257: MKL 100-161, oneDNN 183-205      M=1016: MKL 157-183, oneDNN 178-207
-
-Same float32 arithmetic (a different summation order: results agree with MKL's to float32 rounding;
-checked once per process against ``F.linear`` before first use, else MKL stays). Used only for
-float32 CPU tensors and frozen weights, inside lorakit's training forward (``frozen_linears``) and
-its fused sibling kernel; ``enabled = False`` turns it off.
+Same float32 arithmetic (another summation order: results agree with MKL's to float32 rounding).
+The op is private to torch (``guards.onednn_linear``): it is checked once per process against
+``F.linear`` before first use, and when it is missing, fails or disagrees, torch's F.linear / addmm
+run instead (logged once). Used only for float32 CPU tensors and frozen weights, inside lorakit's
+training forward (``frozen_linears``, when ``dispatch`` chooses it) and its CPU kernels.
 """
 from __future__ import annotations
 
@@ -23,27 +20,29 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["available", "base_linear", "add_linear_t", "frozen_linears", "usable", "enabled"]
+from . import guards
 
-#: set False to run every frozen product through torch's own F.linear / mm (MKL)
-enabled = True
+__all__ = ["available", "base_linear", "add_linear_t", "frozen_linears", "usable"]
 
-_lp = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+_lp = guards.onednn_linear()
+# whether this torch build's op works is a fact of the process: checked once, kept for it (None = not yet)
 _checked: bool | None = None
 
 
 def available() -> bool:
     """oneDNN's linear exists here and agrees with ``F.linear`` (checked once per process)."""
     global _checked
-    if not enabled:
-        return False
     if _checked is None:
         _checked = _self_test()
     return _checked
 
 
 def _self_test() -> bool:
-    if _lp is None or not torch.backends.mkldnn.is_available():
+    if _lp is None:
+        guards.note_fallback("onednn", "torch.ops.mkldnn._linear_pointwise is not in this torch build")
+        return False
+    if not torch.backends.mkldnn.is_available():
+        guards.note_fallback("onednn", "torch was built without oneDNN (mkldnn)")
         return False
     try:
         g = torch.Generator().manual_seed(0)
@@ -54,12 +53,16 @@ def _self_test() -> bool:
         gy = torch.randn(2, 37, 40, generator=g)
         gx = _lp(gy, W.t(), None, "none", [], "")
         acc = _lp.binary(gy.reshape(-1, 40), gx.reshape(-1, 48), W.t(), None, "add")
-        ref_y, ref_gx = F.linear(x.double(), W.double(), b.double()), gy.double() @ W.double()
-        return bool(torch.allclose(y.double(), ref_y, rtol=1e-4, atol=1e-4)
-                    and torch.allclose(gx.double(), ref_gx, rtol=1e-4, atol=1e-4)
-                    and torch.allclose(acc.double(), 2 * ref_gx.reshape(-1, 48), rtol=1e-4, atol=1e-4))
-    except Exception:  # an op that changed or is missing in this torch build: MKL it is
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError) as exc:  # a private op that changed
+        guards.note_fallback("onednn", f"oneDNN's linear failed its check: {type(exc).__name__}: {exc}")
         return False
+    ref_y, ref_gx = F.linear(x.double(), W.double(), b.double()), gy.double() @ W.double()
+    if not (torch.allclose(y.double(), ref_y, rtol=1e-4, atol=1e-4)
+            and torch.allclose(gx.double(), ref_gx, rtol=1e-4, atol=1e-4)
+            and torch.allclose(acc.double(), 2 * ref_gx.reshape(-1, 48), rtol=1e-4, atol=1e-4)):
+        guards.note_fallback("onednn", "oneDNN's linear disagrees with F.linear here")
+        return False
+    return True
 
 
 def usable(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> bool:
@@ -121,7 +124,8 @@ class _FrozenLinearMode(TorchFunctionMode):
 def frozen_linears(active: bool = True):
     """A context in which the model's frozen float32 CPU linears run through oneDNN (see module doc).
 
-    A no-op context when ``active`` is False or oneDNN is not usable here.
+    ``active``: what the dispatcher chose (``Choice.frozen == "onednn"``); a no-op context when False or
+    when oneDNN is not usable here.
     """
     if not (active and available()):
         return contextlib.nullcontext()

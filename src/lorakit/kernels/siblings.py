@@ -5,7 +5,7 @@ LoRA A_k [r_k, in], B_k [out_k, r_k], factor f_k (scaling and the 1/(1-p) of dro
 dropout keep mask m shared by all of them:
 
     h_k  = f_k (x * m) @ A_k.T
-    y_k  = x @ W_k.T + b_k + h_k @ B_k.T        (x @ W_k.T through oneDNN: ops.frozen_linear)
+    y_k  = x @ W_k.T + b_k + h_k @ B_k.T        (x @ W_k.T through oneDNN: kernels.onednn)
 
 Backward forms the input gradient in one buffer instead of 2n tensors that autograd adds up:
 
@@ -37,7 +37,7 @@ class _SiblingLinear(torch.autograd.Function):
         xd = x2 if keep is None else mul_keep(x2, keep.reshape(x2.shape))
         outs, hs = [], []
         for k in range(n):
-            # per sibling, the very products of the per-module path (ops.branch): the same values bit for bit
+            # per sibling, the very products of the per-module kernel (kernels.branch): the same values bit for bit
             h = F.linear(xd, As[k])
             if factors[k] != 1.0:
                 h.mul_(factors[k])

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..kernels import fusion, lora_add
-from .base import LoraLayer
+from ..kernels import branch_add, dispatch, fusion, generation_add
+from .base import LoraLayer, add_delta
 from .routing import BASE, current_rows
 
 __all__ = ["LoraLinear", "lora_linear_delta", "lora_linear_weight"]
@@ -57,17 +57,32 @@ class LoraLinear(LoraLayer):
         self._fuse = fusion.FuseState()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # training on the CPU: layers reading one input run as one node (layers/fusion.py) when they can
-        # (a DoRA adapter takes the reference path only: layers/dora.py)
-        if not args and not kwargs and current_rows() is None and all(map(self.uses_plain_lora, self.active_adapters)):
-            if torch.is_grad_enabled():
-                if fusion.eligible(x):
-                    out = fusion.fused_forward(self, x)
-                    if out is not None:
-                        return out
-            elif fusion.learnable(x):
-                fusion.observe(self, x)
-        return super().forward(x, *args, **kwargs)
+        """``base(x) + scale * B(A(dropout(x)))`` for each active adapter: the reference (``LoraLayer.forward``)
+        or, where ``kernels.dispatch`` chooses one, a CPU kernel computing the same."""
+        if args or kwargs or self.disable_adapters or not self.active_adapters:
+            return super().forward(x, *args, **kwargs)
+        if not all(map(self.uses_plain_lora, self.active_adapters)):
+            return super().forward(x)  # DoRA: the reference path only (layers/dora.py); no kernel knows the magnitude
+        base, first = self.base_layer, self.active_adapters[0]  # (active adapters are ones this layer has)
+        A = self.lora_A[first].weight
+        route = dispatch.linear_route(x, base, A, current_rows() is not None)
+        if route == dispatch.REFERENCE:
+            return super().forward(x)
+        if route == dispatch.SIBLINGS:
+            out = fusion.fused_forward(self, x)  # None: this layer cannot join a group now
+            if out is not None:
+                return out
+        elif route == dispatch.LEARN:
+            fusion.observe(self, x)
+        kernel = generation_add if route in (dispatch.GENERATION, dispatch.LEARN) else branch_add
+        result = base(x)
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            out = kernel(result, x, A if name == first else self.lora_A[name].weight, self.lora_B[name].weight,
+                         self.scaling[name], self._dropout_of(name), self._inplace_ok)
+            result = out if out is not None else add_delta(result, self._delta(name, x))  # operands unfit: reference
+        return result
 
     def _create(self, name: str, r: int, init, device: torch.device, dtype: torch.dtype) -> None:
         A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
@@ -84,12 +99,6 @@ class LoraLinear(LoraLayer):
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return lora_linear_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
                                  self._dropout_of(name))
-
-    def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        if not self.uses_plain_lora(name):
-            return self._dora_add(name, x, result)
-        return lora_add(result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-                        self._dropout_of(name), self._inplace_ok)
 
     def _dropout_of(self, name: str):
         drop = self.lora_dropout[name]

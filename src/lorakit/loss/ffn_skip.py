@@ -16,34 +16,53 @@ into zeros after it. The loss and every gradient are the same numbers (the rows 
 see the same inputs); the hidden states at the skipped positions are not the model's (they are
 never read: the lazily computed logits of ``LoraModel.forward`` do not use this path).
 ``lm_loss.check_fast_loss`` compares the result with the model's own loss once, on the row with
-the most padding. Not used under gradient checkpointing (its recomputation runs outside this
-context); switched off for a model whose block returns something other than one tensor or fails on
-the gathered rows (the call then runs again without skipping).
+the most padding. A kernel of the fused loss (``kernels.dispatch``: ``Choice.ffn_skip``): not used
+under activation checkpointing (its recomputation runs outside this context); switched off for a body
+whose block returns something other than one tensor or fails on the gathered rows (the call then runs
+again without skipping, and a warning says why).
 """
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["checkpointing", "feed_forward_blocks", "feed_forward_rows", "run_with_rows", "usable"]
+from ..kernels.guards import note_fallback
+
+__all__ = ["SkipState", "checkpointing", "feed_forward_blocks", "feed_forward_rows", "run_with_rows", "usable"]
 
 #: the attribute names decoder layers give their feed-forward block across transformers' models
 FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn")
-
-#: bodies where a feed-forward block turned out not to return one tensor: skipping is off for them
-_UNSUPPORTED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class _NotOneTensor(Exception):
     """A feed-forward block returned something the scatter cannot put back (a tuple, router logits)."""
 
 
-#: body -> (its decoder stack, the feed-forward attribute name): found once, not by a walk every step
-_STACKS: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.ModuleList, str] | None]" = weakref.WeakKeyDictionary()
+class SkipState:
+    """Per body: its decoder stack, found once (not by a walk every step), and whether skipping failed on it."""
+
+    __slots__ = ("found", "stack", "unsupported")
+
+    def __init__(self) -> None:
+        self.found = False
+        self.stack: Optional[tuple[nn.ModuleList, str]] = None
+        self.unsupported = False
+
+    def __deepcopy__(self, memo):
+        return SkipState()
+
+    def __reduce__(self):
+        return (SkipState, ())
+
+
+def _state(body: nn.Module) -> SkipState:
+    state = body.__dict__.get("_lorakit_ffn_skip")
+    if state is None:  # kept on the body itself: it lives and goes with the model
+        state = body.__dict__["_lorakit_ffn_skip"] = SkipState()
+    return state
 
 
 def _find_stack(body: nn.Module) -> Optional[tuple[nn.ModuleList, str]]:
@@ -60,13 +79,14 @@ def _find_stack(body: nn.Module) -> Optional[tuple[nn.ModuleList, str]]:
 
 
 def _stack(body: nn.Module) -> Optional[tuple[nn.ModuleList, str]]:
-    """The decoder stack (cached per body; looked for again if its layers lost their blocks)."""
-    if body in _STACKS:
-        found = _STACKS[body]
+    """The decoder stack (kept per body; looked for again if its layers lost their blocks)."""
+    state = _state(body)
+    if state.found:
+        found = state.stack
         if found is None or all(isinstance(getattr(layer, found[1], None), nn.Module) for layer in found[0]):
             return found
-    found = _STACKS[body] = _find_stack(body)
-    return found
+    state.stack, state.found = _find_stack(body), True
+    return state.stack
 
 
 def feed_forward_blocks(body: nn.Module) -> Optional[list[nn.Module]]:
@@ -81,7 +101,7 @@ def feed_forward_blocks(body: nn.Module) -> Optional[list[nn.Module]]:
 
 def usable(body: nn.Module) -> bool:
     """May ``feed_forward_rows`` be used on this body now?"""
-    return body not in _UNSUPPORTED and not checkpointing(body)
+    return not _state(body).unsupported and not checkpointing(body)
 
 
 def checkpointing(body: nn.Module) -> bool:
@@ -149,20 +169,28 @@ def feed_forward_rows(body: nn.Module, keep: torch.Tensor, last_keep: torch.Tens
             h.remove()
 
 
+# what a block that cannot take the gathered rows raises: our scatter's refusal, or torch's own shape errors
+_SKIP_FAILURES = (_NotOneTensor, RuntimeError, ValueError, IndexError)
+
+
 def run_with_rows(body: nn.Module, keep: torch.Tensor, last_keep: torch.Tensor, fn):
     """``fn()`` inside ``feed_forward_rows``.
 
-    A block that returns more than one tensor, or any error while the blocks were hooked (a block whose
-    code assumes the full [batch, positions] shape), switches skipping off for ``body`` and ``fn()``
-    runs again without it; an error that also happens without skipping is the caller's to see.
+    A block that returns more than one tensor, or a shape error while the blocks were hooked (a block whose
+    code assumes the full [batch, positions] shape), switches skipping off for ``body`` with a warning, and
+    ``fn()`` runs again without it; an error that also happens without skipping is the caller's to see,
+    and any other exception is raised as it is.
     """
     hooked = False
     try:
         with feed_forward_rows(body, keep, last_keep) as hooked:
             return fn()
-    except Exception:
+    except _SKIP_FAILURES as exc:
         if not hooked:
             raise
+        failure = exc
     result = fn()  # fails again (the caller's error, raised as is) unless skipping was the cause
-    _UNSUPPORTED.add(body)
+    _state(body).unsupported = True
+    note_fallback("ffn-skip", f"{type(body).__name__}'s feed-forward blocks cannot run on gathered rows "
+                              f"({type(failure).__name__}: {failure}); every position runs through them")
     return result
