@@ -323,3 +323,48 @@ def test_per_row_adapters_in_training_with_labels_use_the_models_own_forward():
     torch.testing.assert_close(out.loss, want)
     out.loss.backward()  # the active adapter trains; its rows' gradient reaches it
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if ".default." in n)
+
+
+def _grads_of(m, loss):
+    m.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_loss_computer_through_a_data_parallel_wrapper_runs_the_fused_loss_inside_its_forward():
+    m = _lora(tiny_llama()).train()
+    batch = _batch()
+    direct = lm_loss.LossComputer(m)(batch)
+    want = _grads_of(m, direct)
+    wrapped = torch.nn.DataParallel(m)  # on the CPU it calls the module as it is, as DDP's forward does
+    seen = []
+    wrapped.register_forward_hook(lambda mod, args, kwargs, out: seen.append(type(out).__name__), with_kwargs=True)
+    comp = lm_loss.LossComputer(wrapped)
+    assert comp.inner is m and comp.is_fast
+    head = m.model.get_output_embeddings()
+    full = []
+    handle = head.register_forward_hook(lambda mod, inp, out: full.append(inp[0].shape[:2] == (3, 9)))
+    try:
+        via = comp(batch)
+    finally:
+        handle.remove()
+    assert seen == ["FusedLossOutput"] and not any(full)  # the wrapper's forward ran, and it ran the fused loss
+    torch.testing.assert_close(via, direct, rtol=1e-6, atol=1e-6)
+    for n, g in _grads_of(m, via).items():
+        torch.testing.assert_close(g, want[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_loss_computer_without_the_fast_path_runs_the_models_own_loss():
+    m = _lora(tiny_llama()).train()
+    batch = _batch()
+    head = m.model.get_output_embeddings()
+    full = []
+    handle = head.register_forward_hook(lambda mod, inp, out: full.append(tuple(inp[0].shape[:2])))
+    try:
+        own = lm_loss.LossComputer(m, fast=False)(batch)
+    finally:
+        handle.remove()
+    assert full == [(3, 9)]  # the head over every position: LoraModel.forward did not take its fused path
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        torch.testing.assert_close(own / n, m(**batch, return_logits=True).loss, rtol=1e-6, atol=1e-6)
