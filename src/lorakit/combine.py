@@ -164,15 +164,17 @@ def add_weighted(model, adapters: Sequence[str], weights: Sequence[float], adapt
     kind = "linear" if len(adapters) == 1 else combination_type  # one adapter: peft scales it (linear)
     rank = _new_rank(model, adapters, kind, svd_rank)
     _refuse_uncombinable(model, adapters)
-    paths = sorted(path for path, layer in model.lora_layers() if any(a in layer.r for a in adapters))
+    pairs = [(path, layer) for path, layer in model.lora_layers() if layer.adapter_containers]  # not token rows
+    paths = sorted(path for path, layer in pairs if any(a in layer.r for a in adapters))
     # the modules the sources wrap, by path (a union of their target patterns could reach others);
     # plain initialisation (no PiSSA-style change of the base) and scaling exactly 1
     config = model.peft_config[adapters[0]].replace(
         r=rank, lora_alpha=rank, use_rslora=False, target_modules=tuple(paths), exclude_modules=None,
-        layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={}, init_lora_weights=True)
+        layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={}, init_lora_weights=True,
+        loftq_config={})
     model.add_adapter(adapter_name, config)
     with torch.no_grad():
-        for _, layer in model.lora_layers():
+        for _, layer in pairs:
             if adapter_name not in layer.r:
                 continue
             present = [(a, w) for a, w in zip(adapters, weights) if a in layer.r]

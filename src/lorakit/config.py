@@ -156,6 +156,92 @@ def _layers_pattern(value: Any) -> tuple[str, ...]:
     return names
 
 
+# init_lora_weights values peft has that lorakit refuses, and why
+_INITS_REFUSED = {
+    "eva": "EVA initialises from the SVD of the fine-tuning data's activations (peft's initialize_lora_eva_weights)",
+    "corda": "CorDA initialises from covariance statistics collected on data (peft's preprocess_corda)",
+    "lora_ga": "LoRA-GA initialises from gradients estimated on data",
+    "mica": "MiCA freezes B during training (a LoRA variant lorakit lacks)",
+}
+#: init_lora_weights values lorakit implements besides True / False (peft's spellings; "pissa_niter_N" too)
+INIT_METHODS = ("gaussian", "pissa", "olora", "orthogonal", "loftq")
+
+
+def _check_init(value: Any) -> None:
+    if value is True or value is False or value in INIT_METHODS:
+        return
+    if isinstance(value, str) and re.fullmatch(r"pissa_niter_\d+", value):
+        return
+    if isinstance(value, str) and value in _INITS_REFUSED:
+        raise ConfigError(f"init_lora_weights={value!r} is not supported: {_INITS_REFUSED[value]}, which lorakit does "
+                          f"not implement. Use peft for it, or one of True, 'gaussian', 'pissa', 'pissa_niter_N', "
+                          f"'olora', 'orthogonal', 'loftq'.")
+    raise ConfigError(f"init_lora_weights={value!r} is unknown; use True (default), False, 'gaussian', 'pissa', "
+                      f"'pissa_niter_N' (N subspace iterations, e.g. 'pissa_niter_4'), 'olora', 'orthogonal' or "
+                      f"'loftq' (peft's spellings).")
+
+
+def _loftq_config(init: Any, value: Any) -> "FrozenDict":
+    """peft's LoftQConfig as a mapping: {"loftq_bits": 4 or 8, "loftq_iter": n >= 1}, only with init 'loftq'."""
+    if value is not None and not isinstance(value, Mapping) and hasattr(value, "loftq_bits"):
+        value = vars(value)  # peft's LoftQConfig dataclass
+    if value is not None and not isinstance(value, Mapping):
+        raise ConfigError(f"loftq_config must be a mapping like {{'loftq_bits': 4, 'loftq_iter': 1}}; got {value!r}.")
+    value = dict(value or {})
+    if init != "loftq":
+        if value:
+            raise ConfigError(f"loftq_config={value!r} applies only with init_lora_weights='loftq'; drop it or set "
+                              f"init_lora_weights='loftq'.")
+        return FrozenDict()
+    if not value:
+        raise ConfigError("init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1}.")
+    unknown = sorted(set(value) - {"loftq_bits", "loftq_iter"})
+    bits, iters = value.get("loftq_bits", 4), value.get("loftq_iter", 1)
+    if unknown or bits not in (4, 8) or isinstance(bits, bool) or isinstance(iters, bool) \
+            or not isinstance(iters, int) or iters < 1:
+        raise ConfigError(f"loftq_config={value!r} is not valid: it takes loftq_bits (4 or 8) and loftq_iter (a "
+                          f"positive integer), e.g. {{'loftq_bits': 4, 'loftq_iter': 1}}.")
+    return FrozenDict({"loftq_bits": bits, "loftq_iter": iters})
+
+
+def _token_ids(field: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{field} must be a list of token ids (ints >= 0), e.g. [32000, 32001]; got {value!r}.")
+    ids = tuple(value)
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise ConfigError(f"{field} must hold distinct token ids (ints >= 0); got {value!r}.")
+    return ids
+
+
+def _trainable_tokens(value: Any):
+    """trainable_token_indices: token ids of the input embedding, or {embedding module name: ids}; empty: None."""
+    if value is None or (isinstance(value, (list, tuple, dict, FrozenDict)) and not value):
+        return None
+    if not isinstance(value, Mapping):
+        return _token_ids("trainable_token_indices", value)
+    bad = [k for k in value if not isinstance(k, str) or not k]
+    if bad:
+        raise ConfigError(f"trainable_token_indices keys must be embedding module names (e.g. 'embed_tokens'); "
+                          f"got {bad!r}.")
+    return FrozenDict({k: _token_ids(f"trainable_token_indices[{k!r}]", v) for k, v in value.items()})
+
+
+def _check_variant_fields(cfg: "LoraConfig", set_) -> None:
+    """init_lora_weights, loftq_config, trainable_token_indices, ensure_weight_tying, target_parameters."""
+    _check_init(cfg.init_lora_weights)
+    set_("loftq_config", _loftq_config(cfg.init_lora_weights, cfg.loftq_config))
+    set_("trainable_token_indices", _trainable_tokens(cfg.trainable_token_indices))
+    params = cfg.target_parameters
+    if isinstance(params, str):
+        raise ConfigError(f"target_parameters takes a list of parameter names, e.g. [{params!r}]; a single string is "
+                          f"refused (as in peft, which reserves it for a regex it does not implement).")
+    params = _names("target_parameters", params, allow_regex=False) if params else None
+    set_("target_parameters", params)
+    modules = cfg.target_modules
+    if params and isinstance(modules, (list, tuple, set, frozenset)) and not modules:
+        set_("target_modules", ())  # no module targets: LoRA on the parameters only (peft's target_modules=[])
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Configuration of one LoRA adapter (peft-compatible field names).
@@ -195,6 +281,11 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] | None = None
     #: A's initialisation: True (Kaiming-uniform, as nn.Linear), "gaussian" (normal, std 1/r) —
     #: both with B = 0 — or False (B random too: the adapter changes the model from the start; tests only).
+    #: From the base weight (``layers.init``; they change the base so the model is unchanged at the start):
+    #: "pissa" / "pissa_niter_N" (top-r singular vectors, W_res = W - scale B A), "olora" (QR), "loftq"
+    #: (quantized base + SVD of the quantization residual; needs loftq_config). "orthogonal": B A = 0 from
+    #: orthogonal halves, base unchanged. Save with ``path_initial_model_for_weight_conversion`` for a plain
+    #: LoRA that works on the unmodified base.
     init_lora_weights: bool | str = True
     #: Only wrap modules in these layer indices (an int or a list of ints).
     layers_to_transform: int | tuple[int, ...] | None = None
@@ -207,6 +298,17 @@ class LoraConfig:
     #: DoRA (weight-decomposed LoRA): each output row's weight is rescaled to a trained magnitude,
     #: ``W' = m * (W + s B A) / ||W + s B A||_row`` (norm detached, as peft); see ``layers.dora``.
     use_dora: bool = False
+    #: LoftQ's settings for init_lora_weights="loftq": {"loftq_bits": 4 or 8, "loftq_iter": n >= 1}.
+    loftq_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Train only these rows of the input embedding (token ids, e.g. added tokens), or {embedding module name:
+    #: ids}; saved as peft saves them (``<embedding>.token_adapter.trainable_tokens_delta``). See ``layers.tokens``.
+    trainable_token_indices: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None = None
+    #: Keep a tied input embedding / output head pair tied when one of them is targeted, saved in full or
+    #: given trainable tokens (peft's switch; trainable tokens of a tied pair are always tied).
+    ensure_weight_tying: bool = False
+    #: Raw parameters to give LoRA, by name ending, e.g. ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    #: (fused 3-D mixture-of-experts weights: one low-rank pair per expert). See ``layers.param``.
+    target_parameters: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: set once, here)
@@ -222,7 +324,7 @@ class LoraConfig:
                     f"task_type={self.task_type!r} is unknown; use one of "
                     f"{', '.join(t.value for t in TaskType)} (or None)."
                 ) from None
-        for name in ("inference_mode", "fan_in_fan_out", "use_rslora", "use_dora"):
+        for name in ("inference_mode", "fan_in_fan_out", "use_rslora", "use_dora", "ensure_weight_tying"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False; got {getattr(self, name)!r}.")
         _positive_int("r", self.r)
@@ -233,12 +335,9 @@ class LoraConfig:
         set_("lora_dropout", float(p))
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias={self.bias!r} is unknown; use one of {', '.join(map(repr, BIAS_MODES))}.")
-        if not (self.init_lora_weights is True or self.init_lora_weights is False
-                or self.init_lora_weights == "gaussian"):
-            raise ConfigError(
-                f"init_lora_weights={self.init_lora_weights!r} is unknown; use True (default), 'gaussian' or False."
-            )
-        set_("target_modules", _names("target_modules", self.target_modules, allow_regex=True))
+        _check_variant_fields(self, set_)  # may set target_modules=(): LoRA on target_parameters only
+        if self.target_modules != ():
+            set_("target_modules", _names("target_modules", self.target_modules, allow_regex=True))
         set_("exclude_modules", _names("exclude_modules", self.exclude_modules, allow_regex=True))
         if self.exclude_modules == ALL_LINEAR:
             raise ConfigError("exclude_modules='all-linear' would exclude every target; list the modules to skip.")

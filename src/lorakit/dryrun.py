@@ -7,7 +7,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .plan import AdapterPlan, plan_adapter, plain_modules
-from .targets import default_target_modules
+from .targets import default_target_modules, experts_left_out
+from .variants import ParamSpec, TieSpec
 
 __all__ = ["DryRunReport", "dry_run"]
 
@@ -52,6 +53,7 @@ class DryRunReport:
         for t in self.plan.targets:
             rows.append((t.name, t.kind, str(t.in_features), str(t.out_features), str(t.r), f"{t.alpha:g}",
                          f"{t.n_params:,d}"))
+        rows += [_extra_row(e) for e in self.plan.extras]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                  for r in rows]
@@ -62,11 +64,34 @@ class DryRunReport:
             f"model_type: {self.model_type}   family default targets: "
             f"{list(self.default_targets) if self.default_targets else 'none'}",
             f"wrapped modules: {len(self.plan.targets)}   modules_to_save: {list(self.plan.modules_to_save) or 'none'}",
+            *self._left_out(),
             f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} || "
             f"trainable%: {100 * self.trainable_params / max(self.all_params, 1):.4f}",
             "memory (without activations): " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem.items()),
         ]
         return "\n".join(lines)
+
+
+    def _left_out(self) -> list[str]:
+        left = experts_left_out(self.model_type, self.plan.config.target_parameters)
+        if not left:
+            return []
+        return [f"left out: the fused experts {list(left)} (3-D parameters, no module name reaches them); "
+                f"add target_parameters={list(left)} to adapt them"]
+
+
+def _extra_row(e) -> tuple[str, ...]:
+    """A table row for a raw parameter, a tied head or trainable tokens (lorakit.variants)."""
+    if isinstance(e, ParamSpec):
+        kind = f"param x{e.experts}" if e.experts > 1 else "param"
+        return (f"{e.module}.{e.param}", kind, str(e.in_features), str(e.out_features), str(e.r), f"{e.alpha:g}",
+                f"{e.n_params:,d}")
+    if isinstance(e, TieSpec):
+        what = "tied lora" if e.kind == "lora" else "tied copy"
+        return (e.head, f"{what} of {e.embedding}", str(e.in_features or ""), str(e.out_features or ""),
+                str(e.r or ""), f"{e.alpha:g}" if e.r else "", f"{e.n_params:,d}")
+    kind = f"tokens (tied to {e.tied_to})" if e.tied_to else "tokens"
+    return (e.module, kind, f"{len(e.indices)} rows", str(e.dim), "", "", f"{e.n_params:,d}")
 
 
 def _n(shape) -> int:

@@ -20,6 +20,7 @@ from .errors import AdapterLoadError, LoraError
 from .hf.compat import PeftCompatMixin
 from .hf.signature import signed_forward
 from .layers import LoraLayer, ModulesToSave, wrapper_for
+from .layers.init import init_from_base
 from .layers.routing import BASE, adapter_rows
 from .kernels import SharedDropout
 from .loss import fused_forward
@@ -121,6 +122,7 @@ class LoraModel(PeftCompatMixin, nn.Module):
                 self._replace(spec.name, wrapper)
                 module = wrapper
             module.add_adapter(adapter_name, spec.r, spec.alpha, spec.scaling, dropout, config.init_lora_weights)
+            init_from_base(module, adapter_name, config)  # inits that read the base (PiSSA, OLoRA, ...): layers.init
             if spec.dora:  # last, as in peft: the magnitude of the initialised W + s B A
                 module.init_dora(adapter_name)
         for path in plan.modules_to_save:
@@ -130,6 +132,8 @@ class LoraModel(PeftCompatMixin, nn.Module):
                 self._replace(path, wrapper)
                 module = wrapper
             module.add_adapter(adapter_name)
+        for extra in plan.extras:  # raw parameters, tied heads, trainable tokens (lorakit.variants)
+            extra.inject(self.model, adapter_name, config)
         self.peft_config[adapter_name] = config
         self._plans[adapter_name] = plan
         if self.active_adapter is None:
@@ -168,7 +172,7 @@ class LoraModel(PeftCompatMixin, nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_live()
         self._require(adapter_name)
-        for path, layer in list(self.lora_layers()):
+        for path, layer in reversed(list(self.lora_layers())):  # inner wrappers first: they nest
             if adapter_name in layer.r:
                 layer.delete_adapter(adapter_name)
                 if not layer.r:
@@ -335,7 +339,7 @@ class LoraModel(PeftCompatMixin, nn.Module):
         self._check_live()
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        for path, l in list(self.lora_layers()):
+        for path, l in reversed(list(self.lora_layers())):  # inner wrappers first: they nest
             if not merge:
                 l.unmerge()
             self._replace(path, l.base_layer)
@@ -389,8 +393,9 @@ class LoraModel(PeftCompatMixin, nn.Module):
 
     # -- files ------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None,
-                        **_ignored) -> None:
-        """Write PEFT-format adapter folders (the default adapter at the top, others in subfolders)."""
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None, **_ignored) -> None:
+        """Write PEFT-format adapter folders (the default adapter at the top, others in subfolders).
+        ``path_initial_model_for_weight_conversion``: see ``peft_format.save_adapter``."""
         self._check_live()
         names = list(self.peft_config) if selected_adapters is None else \
             as_adapter_names(selected_adapters, "selected_adapters")
@@ -398,7 +403,7 @@ class LoraModel(PeftCompatMixin, nn.Module):
             self._require(name)
         for name in names:
             target = save_directory if name == "default" else os.path.join(save_directory, name)
-            save_adapter(self, target, name)
+            save_adapter(self, target, name, path_initial_model_for_weight_conversion)
 
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
                      allow_pickle: bool = False, **peft_kwargs) -> None:

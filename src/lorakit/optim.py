@@ -39,7 +39,7 @@ def _embedding_params(model: nn.Module) -> set[int]:
 def _lora_b_params(model: nn.Module) -> set[int]:
     out: set[int] = set()
     for module in model.modules():
-        if isinstance(module, LoraLayer) and not isinstance(module, LoraEmbedding):
+        if isinstance(module, LoraLayer) and hasattr(module, "lora_B"):  # not trainable tokens' rows (group A)
             out.update(id(p) for p in module.lora_B.parameters())
     return out
 

@@ -40,7 +40,6 @@ FOREIGN: dict[str, Foreign] = {
     "megatron_config": Foreign((None,), "LoRA inside Megatron-LM tensor-parallel layers; lorakit wraps "
                                         "transformers models"),
     "megatron_core": Foreign(None, "the Megatron module name, read only with megatron_config"),
-    "loftq_config": Foreign(({}, None), "LoftQ initialisation (quantized base + SVD residual)"),
     "eva_config": Foreign((None,), "EVA initialisation (SVD of activations)"),
     "corda_config": Foreign((None,), "CorDA initialisation (changes the base weights)"),
     "lora_ga_config": Foreign((None,), "LoRA-GA initialisation (gradient-aligned, changes the base weights)"),
@@ -52,9 +51,6 @@ FOREIGN: dict[str, Foreign] = {
     "monteclora_config": Foreign((None,), "MonteCLoRA (Monte Carlo estimated LoRA weights)"),
     "layer_replication": Foreign((None,), "builds a deeper model by repeating base layers"),
     "lora_bias": Foreign((False, None), "a trained bias on lora_B"),
-    "target_parameters": Foreign((None, []), "LoRA on raw parameters (e.g. fused MoE expert weights)"),
-    "trainable_token_indices": Foreign((None, [], {}), "training chosen embedding rows only"),
-    "ensure_weight_tying": Foreign(None, "peft's switch that ties the adapters of a tied embedding/head pair"),
     "use_bdlora": Foreign((None, False), "block-diagonal LoRA (BD-LoRA)"),
     "arrow_config": Foreign((None,), "Arrow routing between several LoRA experts"),
     "kasa_config": Foreign((None,), "KaSA (SVD-based knowledge-aware LoRA)"),
@@ -65,7 +61,14 @@ NOTES: dict[str, str] = {
     "task_type": "supported; SEQ_CLS / TOKEN_CLS / QUESTION_ANS also train and save the task head",
     "inference_mode": "supported; written true on save, as peft",
     "fan_in_fan_out": "supported; set automatically for GPT-2's Conv1D",
-    "init_lora_weights": "supported for the values LoraConfig lists; any other value is refused",
+    "init_lora_weights": "supported: True, False, gaussian, pissa, pissa_niter_N, olora, orthogonal, loftq (on an "
+                         "unquantized base, bitsandbytes on the CPU); eva, corda, lora_ga, mica refused (data-driven "
+                         "or a variant)",
+    "loftq_config": "supported with init_lora_weights='loftq' (loftq_bits 4 or 8, loftq_iter)",
+    "trainable_token_indices": "supported: list or {embedding: ids}; a tied output head follows the embedding",
+    "ensure_weight_tying": "supported: target_modules and modules_to_save on a tied embedding/head pair",
+    "target_parameters": "supported: 2-D and fused 3-D (MoE expert) parameters, rank_pattern per parameter; no "
+                         "dropout, DoRA or per-row adapter_names (as peft)",
     "target_modules": "supported; a name matching nothing is an error (peft ignores it when another matches)",
     "use_dora": "supported: Linear, Conv1D and Embedding; per-row adapter_names refused, as peft",
 }

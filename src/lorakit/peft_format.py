@@ -24,13 +24,14 @@ from safetensors.torch import load_file
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterLoadError, ConfigError, LoraError
 from .io import UnreadableFile, atomic_paths, atomic_save_tensors, load_plain_tensors, save_safetensors, write_to_temp
+from .init_conversion import to_plain_lora, warn_random_init
 from .plan import PEFT_PREFIX, plan_adapter
 
 __all__ = ["PICKLE_WEIGHTS_NAME", "WEIGHTS_NAME", "adapter_state_dict", "atomic_save_file", "check_state_dict", "peft_key",
            "peft_load_options", "read_adapter", "read_checked", "save_adapter"]
 
 _ADAPTER_KEY = re.compile(
-    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|lora_dropout|modules_to_save)"
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|lora_dropout|modules_to_save|trainable_tokens_delta)"
     r"\.([^.]+)(?=\.|$)")
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,8 +43,14 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict
     atomic_save_tensors(tensors, path, metadata=metadata)
 
 
-def save_adapter(model, directory: str | os.PathLike, adapter_name: str) -> None:
-    """Write one adapter of ``model`` to ``directory`` in PEFT's format."""
+def save_adapter(model, directory: str | os.PathLike, adapter_name: str, initial: str | os.PathLike | None = None
+                 ) -> None:
+    """Write one adapter of ``model`` to ``directory`` in PEFT's format.
+
+    ``initial``: the adapter folder saved before training (peft's ``path_initial_model_for_weight_conversion``):
+    the adapter is written as a plain LoRA of rank 2r for the base before PiSSA/OLoRA changed it
+    (``lorakit.init_conversion``).
+    """
     directory = os.fspath(directory)
     config = model.peft_config[adapter_name]
     plan = model._plans[adapter_name]
@@ -62,7 +69,9 @@ def save_adapter(model, directory: str | os.PathLike, adapter_name: str) -> None
     if not config.fan_in_fan_out and any(t.kind == "conv1d" for t in plan.targets):
         changes["fan_in_fan_out"] = True
     config = config.replace(**changes)
-    weights = model.lora_state_dict(adapter_name)
+    weights = _unshared(model.lora_state_dict(adapter_name))
+    if initial is not None:
+        config, weights = to_plain_lora(config, weights, read_adapter(initial)[1], os.fspath(initial))
     write_adapter_files(directory, config, weights)
 
 
@@ -75,6 +84,18 @@ def write_adapter_files(directory: str, config: LoraConfig, weights: dict[str, t
                       [".safetensors", ".json"]) as (weights_tmp, config_tmp):
         save_safetensors(plain, weights_tmp, metadata={"format": "pt"})
         write_to_temp(config_tmp, text.encode("utf-8"))
+
+
+def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A tensor under two keys (a tied head's saved copy is the embedding's) is written twice, as peft does:
+    safetensors refuses shared storage."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in weights.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
 
 
 def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -174,6 +195,7 @@ def read_checked(model: nn.Module, adapter_dir: str | os.PathLike, is_trainable:
     from .peft_format import read_adapter, warn_if_other_base
 
     config, weights = read_adapter(adapter_dir, allow_pickle=allow_pickle)
+    warn_random_init(config, os.fspath(adapter_dir))
     if config.inference_mode == is_trainable:
         config = config.replace(inference_mode=not is_trainable)
     try:

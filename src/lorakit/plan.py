@@ -17,6 +17,7 @@ from .hf.quant import quantized_kind
 from .layers import LoraLayer, ModulesToSave
 from .layers.routing import BASE
 from .targets import module_kind, pattern_value, select_targets, unmatched_pattern_keys
+from .variants_plan import check_param_adapters, plan_variants, selects_modules
 
 __all__ = ["TargetSpec", "AdapterPlan", "as_adapter_names", "check_new_adapter", "plan_adapter", "trained_biases", "plain_modules", "PEFT_PREFIX"]
 
@@ -65,6 +66,8 @@ class AdapterPlan:
     modules_to_save: tuple[str, ...]            # module paths given a trainable copy
     saved_shapes: dict[str, tuple[int, ...]]    # PEFT key (no prefix) -> shape, for modules_to_save params
     bias_shapes: dict[str, tuple[int, ...]]     # PEFT key (no prefix) -> shape, for trained biases
+    #: LoRA on raw parameters, tied heads, trainable tokens (``lorakit.variants``), in injection order
+    extras: tuple = ()
 
     def expected_keys(self) -> dict[str, tuple[int, ...]]:
         """Every key (with the ``base_model.model.`` prefix) an adapter file of this plan holds."""
@@ -72,13 +75,17 @@ class AdapterPlan:
         for t in self.targets:
             for suffix, shape in t.lora_shapes.items():
                 out[f"{PEFT_PREFIX}{t.name}.{suffix}"] = shape
-        for key, shape in {**self.saved_shapes, **self.bias_shapes}.items():
+        for key, shape in {**self.saved_shapes, **self.bias_shapes, **self.extra_shapes}.items():
             out[PEFT_PREFIX + key] = shape
         return out
 
     @property
+    def extra_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v for e in self.extras for k, v in e.keys().items()}
+
+    @property
     def n_lora_params(self) -> int:
-        return sum(t.n_params for t in self.targets)
+        return sum(t.n_params for t in self.targets) + sum(e.n_params for e in self.extras)
 
     @property
     def n_trainable(self) -> int:
@@ -93,10 +100,8 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    if isinstance(module, LoraLayer):
-        return module.base_layer
-    if isinstance(module, ModulesToSave):
-        return module.original_module
+    while isinstance(module, (LoraLayer, ModulesToSave)):  # wrappers nest (one LoraParam per parameter)
+        module = module.base_layer if isinstance(module, LoraLayer) else module.original_module
     return module
 
 
@@ -172,9 +177,11 @@ def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | No
         modules_to_save=saved,
         model_name=type(model).__name__,
         strict=strict,
-    )
+    ) if selects_modules(config, model_type) else []
+    variant = plan_variants(model, config, mods, names, saved, strict)  # parameters, ties, tokens: variants_plan
+    names, saved = variant.names, variant.saved
     if strict:
-        _check_patterns(config, names)
+        _check_patterns(config, variant.pattern_names)
     targets = []
     for n in names:
         m, kind = by_name[n], kinds[n]
@@ -208,7 +215,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | No
                 continue
             key = f"{n}.base_layer.bias" if n in wrapped_now else f"{n}.bias"
             bias_shapes[key] = tuple(b.shape)
-    return AdapterPlan(config, tuple(targets), saved, saved_shapes, bias_shapes)
+    return AdapterPlan(config, tuple(targets), saved, saved_shapes, bias_shapes, variant.extras)
 
 
 def _check_patterns(config: LoraConfig, names: list[str]) -> None:
@@ -245,6 +252,7 @@ def check_new_adapter(existing: dict[str, LoraConfig], adapter_name: str, config
             f"adapter name {adapter_name!r} is not allowed: use letters, digits, '_' or '-' (no dots), "
             f"and not {BASE!r}."
         )
+    check_param_adapters(existing, config)
     if adapter_name in existing:
         raise LoraError(f"adapter {adapter_name!r} exists already; delete_adapter() it first or pick another name.")
     with_bias = [n for n, c in existing.items() if c.bias != "none"]

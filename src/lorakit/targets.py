@@ -25,6 +25,8 @@ __all__ = [
     "pattern_value",
     "unmatched_pattern_keys",
     "WRAPPABLE_KINDS",
+    "MOE_EXPERT_PARAMETERS",
+    "experts_left_out",
 ]
 
 # Default targets per transformers `model_type`: the seed's table (peft's), then today's families.
@@ -87,6 +89,32 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "longt5": ("q", "v"),
     "umt5": ("q", "v"),
 }
+
+# Mixture-of-experts families (mixtral, qwen2_moe, qwen3_moe, llama4 above; gpt_oss, deepseek_v3, ...) hold
+# their experts as fused 3-D parameters ([experts, out, in], gpt-oss [experts, in, out]), not nn.Linear
+# modules, so no module name reaches them: their defaults above adapt attention only and leave the experts,
+# most of such a model's weights, out (as peft's). LoRA reaches them through target_parameters, one low-rank
+# pair per expert (layers.param); ``lorakit inspect`` names what a config leaves out (experts_left_out).
+MOE_EXPERT_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "mixtral": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    "qwen2_moe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    "qwen3_moe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    "llama4": ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+    "llama4_text": ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+    "gpt_oss": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    "olmoe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    "phimoe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    "deepseek_v3": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    "glm4_moe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    "granitemoe": ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
+}
+
+
+def experts_left_out(model_type: str | None, target_parameters) -> tuple[str, ...]:
+    """The fused expert parameters of an MoE family that ``target_parameters`` does not reach."""
+    wanted = tuple(target_parameters or ())
+    return tuple(p for p in MOE_EXPERT_PARAMETERS.get(model_type or "", ())
+                 if not any(p == t or p.endswith("." + t) or t.endswith("." + p) for t in wanted))
 
 WRAPPABLE_KINDS = ("linear", "conv1d", "embedding")
 
