@@ -41,6 +41,7 @@ RANKS = {
     "lorakit.variants": 3,
     "lorakit.variants_plan": 3,
     "lorakit.init_conversion": 3,
+    "lorakit.loftq": 3,
     "lorakit.status": 3,
     "lorakit.dryrun": 3,
     "lorakit.model": 4,

@@ -32,6 +32,7 @@ _EXPORTS = {
     "ModelLoadError": "errors",
     "TrainingError": "errors",
     "bnb_4bit_config": "hf.quant",
+    "replace_lora_weights_loftq": "loftq",
     "prepare_for_kbit_training": "hf.quant",
     "prepare_model_for_kbit_training": "hf.quant",
 }
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .hf.peft_api import get_peft_model_state_dict, set_peft_model_state_dict
     from .model import LoraModel, PeftModel, get_peft_model
     from .hf.quant import bnb_4bit_config, prepare_for_kbit_training, prepare_model_for_kbit_training
+    from .loftq import replace_lora_weights_loftq
     from .targets import DEFAULT_TARGET_MODULES, default_target_modules
 
 

@@ -210,3 +210,40 @@ def test_conversion_refuses_a_mismatched_initial_folder_and_rslora_with_patterns
     rs.save_pretrained(tmp_path / "rs_init")
     with pytest.raises(LoraError, match="use_rslora"):
         rs.save_pretrained(tmp_path / "rs", path_initial_model_for_weight_conversion=tmp_path / "rs_init")
+
+
+def test_replace_lora_weights_loftq_on_a_4bit_base_matches_peft(tmp_path, monkeypatch):
+    """A model already loaded in 4 bits: each pair becomes the SVD of W - dequant(Q), W from the model's file."""
+    pytest.importorskip("bitsandbytes")
+    import peft.utils.loftq_utils as loftq_utils
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import bnb_4bit_config, replace_lora_weights_loftq
+
+    source = textwrap.dedent(inspect.getsource(loftq_utils._loftq_init_new))
+    namespace = dict(vars(loftq_utils))
+    exec(source.replace('"xpu" if is_xpu_available() else "cuda"', '"cpu"'), namespace)  # noqa: S102 - the oracle
+    monkeypatch.setattr(loftq_utils, "_loftq_init_new", namespace["_loftq_init_new"])
+    build("llama").save_pretrained(tmp_path)
+
+    def load():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_4bit_config("float32"))
+
+    kw = dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    ours = get_peft_model(load(), LoraConfig(**kw))
+    theirs = quiet(peft.get_peft_model, load(), peft.LoraConfig(**kw))
+    replace_lora_weights_loftq(ours, model_path=tmp_path)
+    quiet(loftq_utils.replace_lora_weights_loftq, theirs, model_path=str(tmp_path))
+    mine, other = ours.lora_state_dict(), peft.get_peft_model_state_dict(theirs)
+    assert mine.keys() == other.keys()
+    for key, value in other.items():
+        torch.testing.assert_close(mine[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # a callback that rejects every layer leaves the adapter as it was
+    fresh = get_peft_model(load(), LoraConfig(**kw))
+    before = {k: v.clone() for k, v in fresh.lora_state_dict().items()}
+    replace_lora_weights_loftq(fresh, model_path=tmp_path, callback=lambda model, name: False)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.lora_state_dict().items())
+    with pytest.raises(LoraError, match="4-bit base"):
+        replace_lora_weights_loftq(get_peft_model(build("llama"), LoraConfig(**kw)), model_path=tmp_path)

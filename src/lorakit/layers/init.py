@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import LoraError
 from ..hf.quant import is_quantized_weight
 
-__all__ = ["BASE_CHANGING_INITS", "changes_base", "init_from_base", "loftq_pair"]
+__all__ = ["BASE_CHANGING_INITS", "changes_base", "init_from_base", "loftq_pair", "svd_factors"]
 
 #: init_lora_weights values that rewrite the base weight (``pissa_niter_N`` counts as "pissa")
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
@@ -97,7 +97,7 @@ def _quantize_roundtrip(w: torch.Tensor, bits: int) -> torch.Tensor:
     return bnb.functional.int8_vectorwise_dequant(q.data, q.SCB).float()
 
 
-def _svd_factors(residual: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_factors(residual: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
     L = U @ torch.sqrt(torch.diag(S)[:, :r])
     R = torch.sqrt(torch.diag(S)[:r, :]) @ Vh
@@ -110,7 +110,7 @@ def loftq_pair(W: torch.Tensor, bits: int, r: int, iters: int) -> tuple[torch.Te
     res = W.clone()
     for i in range(iters):
         dequantized = _quantize_roundtrip(res, bits)
-        L, R = _svd_factors(W - dequantized, r)
+        L, R = svd_factors(W - dequantized, r)
         if i + 1 < iters:
             res = W - L @ R
     return dequantized, R, L
