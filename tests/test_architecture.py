@@ -20,6 +20,7 @@ PKG = SRC / "lorakit"
 RANKS = {
     "lorakit.errors": 0,
     "lorakit.io": 0,
+    "lorakit.undo": 0,
     "lorakit.constants": 0,
     "lorakit.kernels": 1,
     "lorakit.config": 2,

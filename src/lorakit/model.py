@@ -27,6 +27,7 @@ from .loss import fused_forward
 from .loss.state import loss_state
 from .peft_format import adapter_state_dict, check_state_dict, peft_load_options, read_checked, save_adapter
 from .plan import AdapterPlan, as_adapter_names, check_new_adapter, plan_adapter, trained_biases
+from .undo import undo_on_error
 from .hf.quant import guard_cpu_4bit_training, is_quantized_model, stored_elements
 
 __all__ = ["LoraModel", "PeftModel", "get_peft_model"]
@@ -56,11 +57,12 @@ class LoraModel(PeftCompatMixin, nn.Module):
         self._unloaded = False
         #: training with labels computes a causal LM's loss fused where kernels run (see forward); False: its own
         self.fused_loss = True
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if is_quantized_model(model):
-            guard_cpu_4bit_training(model)  # bitsandbytes' CPU inference packing would cut the gradient
-        self._inject(adapter_name, config, plan)
+        with undo_on_error(model):  # an unforeseen failure from here on leaves the model as it was
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if is_quantized_model(model):
+                guard_cpu_4bit_training(model)  # bitsandbytes' CPU inference packing would cut the gradient
+            self._inject(adapter_name, config, plan)
 
     # -- attribute passthrough --------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -110,7 +112,8 @@ class LoraModel(PeftCompatMixin, nn.Module):
         check_new_adapter(self.peft_config, adapter_name, config)
         wrapped = {n for n, _ in self.lora_layers()}
         plan = plan_adapter(self.model, config, wrapped=wrapped, strict=strict)  # raises before any change
-        self._inject(adapter_name, config, plan)
+        with undo_on_error(self.model, self):
+            self._inject(adapter_name, config, plan)
 
     def _inject(self, adapter_name: str, config: LoraConfig, plan: AdapterPlan) -> None:
         """Wrap the planned modules and give them the adapter (everything was checked before)."""

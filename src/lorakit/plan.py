@@ -6,13 +6,14 @@ against a model before anything is loaded: the PEFT key names and shapes it expe
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Iterator
 
 from torch import nn
 
 from .config import LoraConfig, TaskType
-from .errors import LoraError, TargetError
+from .errors import ConfigError, LoraError, TargetError
 from .hf.quant import quantized_kind
 from .layers import LoraLayer, ModulesToSave
 from .layers.routing import BASE
@@ -198,6 +199,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | No
                               f"values (4-bit bases work: QDoRA). Load the base in 4 bits or bf16/fp32, or use plain LoRA.")
         targets.append(TargetSpec(n, kind, int(fin), int(fout), r, alpha, config.scaling_for(r, alpha),
                                   dora=config.use_dora))
+    _check_size(targets, config)
 
     saved_shapes: dict[str, tuple[int, ...]] = {}
     for s in saved:
@@ -216,6 +218,27 @@ def plan_adapter(model: nn.Module, config: LoraConfig, *, wrapped: set[str] | No
             key = f"{n}.base_layer.bias" if n in wrapped_now else f"{n}.bias"
             bias_shapes[key] = tuple(b.shape)
     return AdapterPlan(config, tuple(targets), saved, saved_shapes, bias_shapes, variant.extras)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_size(targets: list[TargetSpec], config: LoraConfig) -> None:
+    """An r so large that the adapter cannot fit in this machine's memory is a typo, refused before anything
+    is allocated (allocation would fail halfway through injection, or the system would start swapping)."""
+    n = sum(t.n_params for t in targets)
+    memory = _physical_memory()
+    if memory is None or n * 4 <= memory:
+        return
+    biggest = max(targets, key=lambda t: t.r)
+    raise ConfigError(
+        f"r={config.r}" + (f" (rank_pattern up to {biggest.r})" if biggest.r != config.r else "")
+        + f" gives this adapter {n:,d} parameters, {n * 4 / 2**30:,.0f} GiB in float32, more than this machine's "
+        f"memory ({memory / 2**30:,.0f} GiB). LoRA ranks are usually 4 to 64; use a smaller r.")
 
 
 def _check_patterns(config: LoraConfig, names: list[str]) -> None:

@@ -149,6 +149,9 @@ PLAN_CASES = {
     "modules_to_save missing": (dict(target_modules=QV, modules_to_save=["score_head"]), TargetError,
                                 "score_head"),
     "exclude every target": (dict(target_modules=QV, exclude_modules=QV), TargetError, "q_proj"),
+    "r too large for any memory": (dict(target_modules=QV, r=10 ** 12), ConfigError, "r=1000000000000"),
+    "rank_pattern too large for any memory": (dict(target_modules=QV, rank_pattern={"q_proj": 10 ** 12}),
+                                              ConfigError, "rank_pattern"),
     "task without default targets": (dict(), None, None),  # llama has a default: accepted (control case)
 }
 
@@ -396,3 +399,33 @@ def test_a_second_adapter_training_shared_biases_is_refused_on_load(saved, tmp_p
     shutil.copytree(saved, folder)
     _edit_config(bias="all")(folder)
     refused(wrapped(), lambda m: m.load_adapter(folder, "other"), LoraError, "bias='all'")
+
+
+@pytest.mark.parametrize("entry", ["get_peft_model", "add_adapter"])
+def test_a_failure_halfway_through_injection_puts_the_model_back(entry, monkeypatch):
+    """The net under the checks: memory running out while the third LoRA pair is allocated."""
+    from lorakit.layers import LoraLayer
+
+    original, calls = LoraLayer.add_adapter, {"n": 0}
+
+    def out_of_memory(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return original(self, *a, **k)
+
+    model = base() if entry == "get_peft_model" else wrapped()
+    before = model_snapshot(model)
+    monkeypatch.setattr(LoraLayer, "add_adapter", out_of_memory)
+    with pytest.raises(RuntimeError, match="allocate"):
+        if entry == "get_peft_model":
+            get_peft_model(model, LoraConfig(r=4, target_modules=QV))
+        else:
+            model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj", "k_proj"]))
+    assert_model_unchanged(model, before)
+    monkeypatch.setattr(LoraLayer, "add_adapter", original)
+    if entry == "add_adapter":  # its records too: the adapter can be added again, and works
+        assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+        assert all(list(layer.r) == ["default"] for _, layer in model.lora_layers())
+        model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj", "k_proj"]))
+        model(torch.ones(1, 4, dtype=torch.long))
