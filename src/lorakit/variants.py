@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layers import LoraLinear
+from .layers.tied import TiedLoraLinear
 from .layers.param import LoraParam
 from .layers.tokens import TrainableTokens
 
@@ -102,11 +102,12 @@ class TieSpec:
             head.modules_to_save[name] = tied
             return
         head = model.get_submodule(self.head)
-        if not isinstance(head, LoraLinear):
-            head = LoraLinear(head)
+        if not isinstance(head, TiedLoraLinear):  # (planning refused a head holding untied adapters already)
+            head = TiedLoraLinear(head, emb)
             _replace(model, self.head, head)
         dropout = nn.Dropout(config.lora_dropout).train(model.training) if config.lora_dropout > 0 else None
         head.add_adapter(name, self.r, self.alpha, self.scaling, dropout, False)  # nn.Linear's draws, as peft
+        head.tie(name)  # merged once, through the embedding
         A, B = head.lora_A[name], head.lora_B[name]
         # separate parameters on the embedding's storage: the pair stays tied whatever trains it (peft's tie)
         A.weight = nn.Parameter(emb.lora_embedding_B[name].t())

@@ -17,7 +17,9 @@ from torch import nn
 from .config import LoraConfig
 from .errors import ConfigError, LoraError, TargetError
 from .hf.quant import is_quantized_weight
+from .layers import LoraLayer
 from .layers.init import changes_base
+from .layers.tied import TiedLoraLinear
 from .layers.param import param_shape
 from .targets import default_target_modules, module_kind, pattern_value
 from .variants import ParamSpec, TieSpec, TokenSpec
@@ -116,8 +118,8 @@ def plan_params(config: LoraConfig, mods: Sequence[tuple[str, nn.Module]], names
     return specs
 
 
-def _lora_tie(config: LoraConfig, by_name: dict, emb: str, heads: list[str], names: list[str], order: list[str]
-              ) -> tuple[list[str], list[TieSpec]]:
+def _lora_tie(config: LoraConfig, by_name: dict, emb: str, heads: list[str], names: list[str], order: list[str],
+              wrappers: dict) -> tuple[list[str], list[TieSpec]]:
     """The embedding becomes a LoRA target; each tied head gets a TieSpec instead of its own pair."""
     if module_kind(by_name[emb]) != "embedding":
         raise TargetError(f"ensure_weight_tying: the input embedding {emb} is a {type(by_name[emb]).__name__}, not "
@@ -128,6 +130,9 @@ def _lora_tie(config: LoraConfig, by_name: dict, emb: str, heads: list[str], nam
     ties = []
     for h in heads:
         m = by_name[h]
+        if isinstance(wrappers.get(h), LoraLayer) and not isinstance(wrappers.get(h), TiedLoraLinear):
+            raise TargetError(f"ensure_weight_tying: {h} holds LoRA adapters of its own already, which cannot share "
+                              f"the embedding's; tie in an adapter added before them, or set ensure_weight_tying=False.")
         if module_kind(m) != "linear":
             raise TargetError(f"ensure_weight_tying: the tied head {h} is a {type(m).__name__}, not an nn.Linear.")
         alpha = pattern_value(config.alpha_pattern, h, config.lora_alpha)
@@ -158,7 +163,8 @@ def plan_ties(model: nn.Module, config: LoraConfig, mods: Sequence[tuple[str, nn
         saved = tuple(dict.fromkeys([*saved, emb, *heads]))
         return names, saved, [TieSpec("saved", h, emb) for h in heads]
     if any(p in names for p in pair):
-        names, ties = _lora_tie(config, dict(mods), emb, heads, names, [n for n, _ in mods])
+        wrappers = {h: model.get_submodule(h) for h in heads}
+        names, ties = _lora_tie(config, dict(mods), emb, heads, names, [n for n, _ in mods], wrappers)
         return names, saved, ties
     if config.trainable_token_indices is None:
         warnings.warn(f"ensure_weight_tying=True, but neither side of the tied pair {pair} is in target_modules or "
