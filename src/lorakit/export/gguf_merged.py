@@ -129,7 +129,9 @@ def build_writer(model: Any, tokenizer_dir: Path, chat_template: str | None, out
     if chat_template:
         writer.add_chat_template(chat_template)
     state = model.state_dict()
-    for tname, t in tqdm(model_tensors(state, config, spec), total=len(state), desc="Encoding", unit="tensor"):
+    total = len(state) - int(bool(getattr(config, "tie_word_embeddings", False)) and "lm_head.weight" in state)
+    total += int(llama3_rope_factors(config) is not None)
+    for tname, t in tqdm(model_tensors(state, config, spec), total=total, desc="Encoding", unit="tensor"):
         data, qtype = encode(t.numpy(), outtype, force_f32=tname.endswith("_norm.weight"))
         writer.add_tensor(tname, data, raw_dtype=qtype)
     return writer
