@@ -144,6 +144,9 @@ CASES = {
                                          "{zoo}/out_ow"], ["--overwrite", "--resume"]),
     "train output dir a file": (["train", "demo", "--output-dir", "{zoo}/a_file"], ["a_file", "file"]),
     "train output dir under a file": (["train", "demo", "--output-dir", "{zoo}/a_file/run"], ["a_file"]),
+    "train output dir empty": (["train", "demo", "--set", "output.dir="], ["output.dir", "empty"]),
+    "train model name empty": (["train", "demo", "--set", "model="], ["model.name", "empty"]),
+    "train targets an empty list": (["train", "demo", "--set", "lora.target_modules=[]"], ["lora.target_modules"]),
     # ---- train: models
     "train model an adapter folder": (["train", "demo", "--set", "model={adapter}", "--output-dir", "{zoo}/o1"],
                                       ["adapter"]),
@@ -259,6 +262,7 @@ CASES = {
                             ["nonempty", "--overwrite"]),
     "merge out holding the adapter": (["merge", "--model", "{model}", "--adapter", "{adapter}", "--out",
                                        "{adapter_parent}", "--overwrite"], ["--adapter"]),
+    "merge out empty": (["merge", "--model", "{model}", "--adapter", "{adapter}", "--out", ""], ["--out", "empty"]),
     "merge adapter broken": (["merge", "--model", "{model}", "--adapter", "{zoo}/a_bad_json", "--out",
                               "{zoo}/merged2"], ["adapter_config.json"]),
     "merge model truncated": (["merge", "--model", "{zoo}/m_truncated", "--adapter", "{adapter}", "--out",
@@ -287,6 +291,7 @@ CASES = {
                                ["nope"]),
     "export merged option without ollama": (["export", "--adapter", "{adapter}", "--to", "gguf", "--merged",
                                              "--out", "{zoo}/x.gguf"], ["--merged"]),
+    "export out empty": (["export", "--adapter", "{adapter}", "--to", "gguf", "--out", ""], ["--out", "empty"]),
     "export unknown target": (["export", "--adapter", "{adapter}", "--to", "onnx", "--out", "{zoo}/x"], ["--to"]),
     # ---- serve
     "serve port -1": (["serve", "--model", "{model}", "--port", "-1"], ["--port"]),

@@ -182,6 +182,8 @@ def check_output_dir(path: str | os.PathLike, option: str) -> Path:
 
     from lorakit.errors import ConfigError
 
+    if not str(path).strip():
+        raise ConfigError(f"{option} is empty; give the path of the folder to write to")
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{option} {path} is a file, not a folder; choose a folder path")

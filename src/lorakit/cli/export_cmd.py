@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.errors import ConfigError
     from lorakit.export import run as export
 
+    if not args.out.strip():
+        raise ConfigError("--out is empty; give the file (gguf, gguf-merged) or folder (ollama) to write")
     if args.to != "ollama" and (args.merged or args.no_template):
         raise ConfigError("--merged and --no-template apply to --to ollama only; drop them")
     if args.to in ("gguf", "ollama") and not args.adapter and not args.merged:

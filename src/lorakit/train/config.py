@@ -175,6 +175,10 @@ class TrainConfig:
             (self.output.save_every is None or self.output.save_every >= 1, "output.save_every",
              "must be >= 1 or null"),
             (self.output.keep_last >= 0, "output.keep_last", "must be >= 0"),
+            (bool(self.output.dir.strip()), "output.dir", "is empty: name the folder the run writes to"),
+            (bool(self.model.name.strip()), "model.name", "is empty: name a model folder, a hub id or `embedded`"),
+            (self.lora.target_modules is None or len(self.lora.target_modules) > 0, "lora.target_modules",
+             "is an empty list: list module names, or null for the model family's default"),
         ]
         for ok, key, what in checks:
             if not ok:
