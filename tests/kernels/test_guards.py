@@ -79,6 +79,26 @@ def test_module_guards_fall_back_to_public_access():
     assert guards.module_hooks(Odd()) is True
     layer = nn.Linear(3, 2)
     assert guards.module_weight(layer) is layer.weight and guards.module_hooks(layer) is False
+    assert guards.layer_facts(layer) == (layer.weight, False) and guards.layer_facts(Odd()) == (Odd.weight, True)
+
+
+@pytest.mark.parametrize("hook", ["forward", "pre", "replaced", "global"])
+def test_every_kind_of_hook_is_seen(hook):
+    layer = nn.Linear(3, 2)
+    if hook == "forward":
+        handle = layer.register_forward_hook(lambda *a: None)
+    elif hook == "pre":
+        handle = layer.register_forward_pre_hook(lambda *a: None)
+    elif hook == "global":
+        handle = nn.modules.module.register_module_forward_pre_hook(lambda *a: None)
+    else:
+        layer.forward = lambda x: x
+        handle = None
+    try:
+        assert guards.module_hooks(layer) is True and guards.layer_facts(layer) == (layer.weight, True)
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def test_without_log_softmax_out_the_chunked_head_gives_the_same_loss(monkeypatch):

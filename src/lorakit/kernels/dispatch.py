@@ -148,9 +148,8 @@ def linear_route(x: torch.Tensor, base: torch.nn.Module, A: torch.Tensor, rows: 
     if rows or not STATE.on or not x.is_cpu:
         return REFERENCE
     grad = torch.is_grad_enabled()
-    W = guards.module_weight(base)
+    W, hooks = guards.layer_facts(base)
     dtype = x.dtype if (W.dtype is x.dtype and A.dtype is x.dtype) else None
-    hooks = guards.module_hooks(base)
     key = (grad, dtype, torch.is_autocast_enabled("cpu"), torch.compiler.is_compiling(), hooks,
            grad and guards.saved_tensor_hooks(), not grad and _learning.get() > 0, not W.requires_grad)
     route = _LINEAR.get(key)

@@ -20,7 +20,7 @@ import logging
 import torch
 from torch.nn.modules import module as _module
 
-__all__ = ["global_module_hooks", "log_softmax_into", "module_hooks", "module_weight", "note_fallback",
+__all__ = ["global_module_hooks", "layer_facts", "log_softmax_into", "module_hooks", "module_weight", "note_fallback",
            "onednn_linear", "saved_tensor_hooks"]
 
 log = logging.getLogger("lorakit.kernels")
@@ -111,6 +111,17 @@ def module_hooks(module: torch.nn.Module) -> bool:
                                      "whether a layer is hooked")
         return True
     return bool(hooks or pre) or "forward" in d or global_module_hooks()
+
+
+def layer_facts(module: torch.nn.Module) -> tuple[torch.Tensor, bool]:
+    """``(module_weight(module), module_hooks(module))`` in one call (once per LoRA layer call)."""
+    d = module.__dict__
+    params, hooks, pre = d.get("_parameters"), d.get("_forward_hooks"), d.get("_forward_pre_hooks")
+    weight = params.get("weight") if params is not None else None
+    if weight is None or hooks is None or pre is None:
+        return module_weight(module), module_hooks(module)
+    g = _GLOBAL_HOOKS
+    return weight, bool(hooks or pre or "forward" in d or g is None or g[0] or g[1]) and module_hooks(module)
 
 
 def log_softmax_into(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

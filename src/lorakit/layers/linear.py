@@ -61,7 +61,8 @@ class LoraLinear(LoraLayer):
         or, where ``kernels.dispatch`` chooses one, a CPU kernel computing the same."""
         if args or kwargs or self.disable_adapters or not self.active_adapters:
             return super().forward(x, *args, **kwargs)
-        if not all(map(self.uses_plain_lora, self.active_adapters)):
+        dora = self._modules["lora_magnitude_vector"]  # (read directly: a module attribute costs a __getattr__ per call)
+        if dora and not all(map(self.uses_plain_lora, self.active_adapters)):
             return super().forward(x)  # DoRA: the reference path only (layers/dora.py); no kernel knows the magnitude
         base, first = self.base_layer, self.active_adapters[0]  # (active adapters are ones this layer has)
         A = self.lora_A[first].weight
