@@ -368,3 +368,12 @@ def test_loss_computer_without_the_fast_path_runs_the_models_own_loss():
     n = int((batch["labels"][:, 1:] != -100).sum())
     with torch.no_grad():
         torch.testing.assert_close(own / n, m(**batch, return_logits=True).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_a_saved_loss_tensor_does_not_carry_the_head_and_hidden_states(tmp_path):
+    m = _lora(tiny_llama()).train()
+    out = m(**_batch())
+    path = tmp_path / "loss.pt"
+    torch.save(out.loss, path)
+    assert path.stat().st_size < 4096  # a scalar: not the [3, 9, 32] hidden states nor the head's weights
+    assert torch.load(path, weights_only=False).shape == ()

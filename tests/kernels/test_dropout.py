@@ -108,3 +108,18 @@ def test_in_place_backward_gives_the_same_gradients():
         grads.append(x.grad.clone())
         x.grad = None
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_where_the_dispatcher_says_torch_it_is_torchs_dropout_on_the_device():
+    from lorakit import kernels
+
+    x = torch.randn(30, 40)
+    d = SharedDropout(0.3).train()
+    with kernels.enabled_as(False):
+        torch.manual_seed(3)
+        got = d(x)
+        dropped, factor = d.drop(x)
+    torch.manual_seed(3)
+    want = torch.nn.functional.dropout(x, 0.3, True)
+    assert torch.equal(got, want) and factor == 1.0 and not torch.equal(dropped, got)  # a fresh mask each call
+    assert SharedDropout(0.3).eval()(x) is x

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from ..constants import IGNORE_INDEX
 from . import dispatch, guards
-from . import onednn as frozen_linear
+from . import onednn
 
 __all__ = ["linear_cross_entropy"]
 
@@ -107,23 +107,23 @@ def _one_pass_onednn(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     acc = hidden.new_zeros(hidden.shape) if need_h else None
     for v0 in range(0, vocab, block):
         w_b = weight[v0:v0 + block]
-        logits = frozen_linear.base_linear(hidden, w_b, None if bias is None else bias[v0:v0 + block])
+        logits = onednn.base_linear(hidden, w_b, None if bias is None else bias[v0:v0 + block])
         new_max = torch.maximum(run_max, logits.amax(1, keepdim=True))
         rescale = (run_max - new_max).exp_()
         probs = logits.sub_(new_max).exp_()
         run_sum.mul_(rescale).add_(probs.sum(1, keepdim=True))
         if acc is not None:
-            acc = frozen_linear.add_linear_t(acc.mul_(rescale), probs, w_b)
+            acc = onednn.add_linear_t(acc.mul_(rescale), probs, w_b)
         run_max = new_max
     return _finish(hidden, weight, bias, targets, run_max, run_sum, acc)
 
 
-def _blocked(hidden, weight, bias, targets, need_h: bool, onednn: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _blocked(hidden, weight, bias, targets, need_h: bool, use_onednn: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The float32 frozen-head path: ``_one_pass`` per group of ``_ONE_PASS_ROWS`` rows."""
     n = hidden.shape[0]
     one_pass = _one_pass
     block = _VOCAB_BLOCK if n <= _WIDE_BLOCK_ROWS else _VOCAB_BLOCK // 2
-    if onednn and frozen_linear.usable(hidden, weight, bias):
+    if use_onednn and onednn.usable(hidden, weight, bias):
         one_pass, block = _one_pass_onednn, _VOCAB_BLOCK
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_h else None

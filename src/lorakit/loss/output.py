@@ -39,7 +39,8 @@ class FusedLossOutput(ModelOutput):
         if source is None and "logits" not in self.keys() and self.loss is not None:
             # a copy rebuilt from this output's items (accelerate's fp32 conversion under mixed precision
             # does so) keeps the same loss tensor: find the source through it
-            source = getattr(self.loss, _SOURCE_ATTR, None)
+            holder = getattr(self.loss, _SOURCE_ATTR, None)
+            source = holder.parts if holder is not None else None
             if source is not None:
                 self.__dict__["_logits_source"] = source
         return source
@@ -88,9 +89,25 @@ class FusedLossOutput(ModelOutput):
 _SOURCE_ATTR = "_lorakit_logits_source"
 
 
+class _Source:
+    """(head, hidden) kept on a loss tensor; a pickled or copied tensor carries none (torch keeps a tensor's
+    Python attributes when it pickles it: the head and the hidden states would go with it)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: tuple | None = None) -> None:
+        self.parts = parts
+
+    def __reduce__(self):
+        return (_Source, ())
+
+    def __deepcopy__(self, memo):
+        return _Source()
+
+
 def fused_output(loss: torch.Tensor, head: nn.Module, hidden: torch.Tensor) -> FusedLossOutput:
     """A FusedLossOutput whose logits, when read, are ``head(hidden)``."""
     out = FusedLossOutput(loss=loss)
     out.__dict__["_logits_source"] = (head, hidden)
-    setattr(loss, _SOURCE_ATTR, (head, hidden))
+    setattr(loss, _SOURCE_ATTR, _Source((head, hidden)))
     return out
