@@ -114,3 +114,34 @@ def test_without_log_softmax_out_the_chunked_head_gives_the_same_loss(monkeypatc
     torch.testing.assert_close(got, want)
     for a, b in zip(got_g, want_g):
         torch.testing.assert_close(a, b)
+
+
+def test_without_tensor_versions_nothing_cached_per_input_is_reused(monkeypatch):
+    from lorakit.kernels import SharedDropout
+
+    monkeypatch.setattr(guards, "_HAS_VERSION", False)
+    x = torch.randn(40, 50)
+    d = SharedDropout(0.5).train()
+    first = d.drop(x)[0]
+    assert d.drop(x)[0] is not first  # cannot tell the tensor is unchanged: a fresh mask, never a stale one
+    batch = ids(3, 9)
+    m = _model(dropout=0.0)
+    monkeypatch.setattr(guards, "_HAS_VERSION", True)
+    _step(m, batch)
+    with_versions = _step(m, batch, seed=1)
+    monkeypatch.setattr(guards, "_HAS_VERSION", False)
+    without = _step(m, batch, seed=1)
+    assert "_SiblingLinearBackward" in without[2]  # each layer alone (no group can be verified), same numbers
+    _same(with_versions, without)
+
+
+def test_without_tensor_bases_nothing_is_written_in_place(monkeypatch):
+    from lorakit.kernels import branch_add
+
+    monkeypatch.setattr(guards, "_HAS_BASE", False)
+    g = torch.Generator().manual_seed(0)
+    x, A, B = (torch.randn(*s, generator=g, requires_grad=True) for s in ((4, 6), (2, 6), (3, 2)))
+    result = torch.zeros(4, 3)
+    out = branch_add(result, x, A, B, 2.0, None, True)
+    assert out.data_ptr() != result.data_ptr() and not result.any()
+    torch.testing.assert_close(out, 2.0 * (x @ A.t() @ B.t()))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import guards
 from .dropout import SharedDropout
 
 __all__ = ["branch_add", "generation_add", "lora_add", "lora_delta"]
@@ -126,7 +127,7 @@ def branch_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
     if dropout is not None:
         x, keep_scale = _drop(x, dropout)
         factor *= keep_scale
-    inplace = inplace and result._base is None and result.is_contiguous()
+    inplace = inplace and not guards.is_view(result) and result.is_contiguous()
     return _AddBranch.apply(result, x, A, B, factor, inplace)
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import dispatch
+from . import dispatch, guards
 from .masks import draw_keep_mask, pack_keep, torch_seed, unpack_keep
 
 __all__ = ["SharedDropout"]
@@ -130,12 +130,12 @@ class SharedDropout(nn.Module):
         if not x.is_cpu:
             raise ValueError(f"keep_for draws CPU masks; got a tensor on {x.device}")
         key = self._key
-        if (key is not None and key[0]() is x and key[1] == x._version
+        if (key is not None and guards.same_tensor(x, key[0], key[1])
                 and key[2] == torch.is_grad_enabled()):
             return self._keep
         seed = torch_seed("cpu")
         self._keep = torch.from_numpy(draw_keep_mask(x.numel(), self.p, seed).reshape(x.shape))
-        self._key = (weakref.ref(x), x._version, torch.is_grad_enabled())
+        self._key = (weakref.ref(x), guards.version(x), torch.is_grad_enabled())
         self._dropped, self._exclusive = None, [False]
         return self._keep
 

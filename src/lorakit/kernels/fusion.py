@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import guards
 from .dispatch import learning
 from .dropout import SharedDropout
 from .siblings import sibling_linear
@@ -68,7 +69,7 @@ def _spec(layer, x: torch.Tensor) -> _Spec | None:
     if layer.disable_adapters or len(layer.active_adapters) != 1 or layer.merged_adapters:
         return None
     base = layer.base_layer
-    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+    if type(base) is not nn.Linear or guards.module_hooks(base):
         return None
     name = layer.active_adapters[0]
     if name not in layer.r:
@@ -96,7 +97,7 @@ def observe(layer, x: torch.Tensor) -> None:
 
 def _observe(layer, x: torch.Tensor) -> None:
     run = _run.get()
-    if run is not None and run[0]() is x and run[1] == x._version:
+    if run is not None and guards.same_tensor(x, run[0], run[1]):
         layers = run[2]
         if layer in layers:
             return
@@ -106,7 +107,7 @@ def _observe(layer, x: torch.Tensor) -> None:
         if state.ok and len(layers) > len(state.siblings):
             state.siblings = tuple(layers)
         return
-    _run.set((weakref.ref(x), x._version, [layer]))
+    _run.set((weakref.ref(x), guards.version(x), [layer]))
 
 
 def _compute(x: torch.Tensor, specs: list[_Spec]) -> tuple:
@@ -125,7 +126,7 @@ def fused_forward(layer, x: torch.Tensor):
     if pending is not None:
         state.pending = None
         ref, version, out, leader = pending
-        if ref() is x and version == x._version and _spec(layer, x) is not None:
+        if guards.same_tensor(x, ref, version) and _spec(layer, x) is not None:
             return out
         _give_up(leader)  # the leader guessed wrong: this layer reads another input
     spec = _spec(layer, x)
@@ -148,7 +149,7 @@ def fused_forward(layer, x: torch.Tensor):
             outs = _compute(x, specs)
             key = weakref.ref(x)
             for other, out in zip(group[1:], outs[1:]):
-                other._fuse.pending = (key, x._version, out, layer)
+                other._fuse.pending = (key, guards.version(x), out, layer)
             return outs[0]
     out = _compute(x, [spec])[0]
     _observe(layer, x)

@@ -12,6 +12,9 @@ the kernels do without it. Tests take a name away (``monkeypatch``) and check th
     torch.ops.aten._log_softmax.out                       torch.log_softmax into a new tensor
     nn.Module's _parameters, _forward_hooks, _forward_pre_hooks (read from the instance, once per LoRA
     layer call, where ``module.weight`` costs a Python __getattr__): ``module.weight`` / unknown = hooked
+    Tensor._version (in-place version counter: "is this still the tensor I saw?"): unknown = never the same,
+                                                          so nothing cached per input is reused
+    Tensor._base ("is this tensor a view?"): unknown = a view, so nothing is written in place
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ import logging
 import torch
 from torch.nn.modules import module as _module
 
-__all__ = ["global_module_hooks", "layer_facts", "log_softmax_into", "module_hooks", "module_weight", "note_fallback",
-           "onednn_linear", "saved_tensor_hooks"]
+__all__ = ["global_module_hooks", "is_view", "layer_facts", "log_softmax_into", "module_hooks", "module_weight",
+           "note_fallback", "onednn_linear", "saved_tensor_hooks", "version"]
 
 log = logging.getLogger("lorakit.kernels")
 
@@ -61,10 +64,16 @@ def _lookup_log_softmax_out():
         return None
 
 
+def _lookup_tensor_attr(name: str) -> bool:
+    return hasattr(torch.zeros(1).view(1), name)
+
+
 _ONEDNN_LINEAR = _lookup_onednn_linear()
 _TOP_HOOKS = _lookup_top_hooks()
 _GLOBAL_HOOKS = _lookup_global_hooks()  # torch mutates these two dicts in place: holding them is enough
 _LOG_SOFTMAX_OUT = _lookup_log_softmax_out()
+_HAS_VERSION = _lookup_tensor_attr("_version")
+_HAS_BASE = _lookup_tensor_attr("_base")
 
 
 def onednn_linear():
@@ -122,6 +131,21 @@ def layer_facts(module: torch.nn.Module) -> tuple[torch.Tensor, bool]:
         return module_weight(module), module_hooks(module)
     g = _GLOBAL_HOOKS
     return weight, bool(hooks or pre or "forward" in d or g is None or g[0] or g[1]) and module_hooks(module)
+
+
+def version(t: torch.Tensor) -> int | None:
+    """``t``'s in-place version counter, or None when torch cannot say (then compare nothing as equal)."""
+    return t._version if _HAS_VERSION else None
+
+
+def same_tensor(t: torch.Tensor, ref, seen_version: int | None) -> bool:
+    """Is ``t`` the tensor ``ref`` (a weak reference) pointed to, unmodified since its version was ``seen_version``?"""
+    return ref() is t and seen_version is not None and seen_version == version(t)
+
+
+def is_view(t: torch.Tensor) -> bool:
+    """Does ``t`` share another tensor's storage as a view? True when torch cannot say."""
+    return t._base is not None if _HAS_BASE else True
 
 
 def log_softmax_into(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..kernels import branch_add, dispatch, fusion, generation_add
+from ..kernels import branch_add, dispatch, fusion, generation_add, guards
 from .base import LoraLayer, add_delta
 from .routing import BASE, current_rows
 
@@ -114,9 +114,10 @@ class LoraLinear(LoraLayer):
         the adapters and no graph is shared between backward passes.
         """
         weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in rows if n != BASE]
-        grad = torch.is_grad_enabled()
-        key = (rows, x.device, tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device)
+        key = (rows, x.device, tuple((id(t), t.data_ptr(), guards.version(t), t.dtype, t.device)
                                      for a, b in weights for t in (a, b)))
+        # no cache with autograd, nor where torch cannot say whether a weight changed in place
+        grad = torch.is_grad_enabled() or any(k[2] is None for k in key[2])
         cache = None if grad else getattr(self, "_route_cache", None)
         if cache is None or cache[0] != key:
             some_a, some_b = weights[0]
