@@ -91,7 +91,10 @@ class TieSpec:
 
     @property
     def n_params(self) -> int:
-        return self.r * (self.in_features + self.out_features) if self.kind == "lora" else 0
+        """The head's own pair (a separate parameter on the embedding's storage, counted as peft counts it); a
+        tied saved copy is one parameter with the embedding's: minus the copy modules_to_save counted."""
+        size = self.in_features * self.out_features
+        return self.r * (self.in_features + self.out_features) if self.kind == "lora" else -size
 
     def inject(self, model: nn.Module, name: str, config: LoraConfig) -> None:
         emb = model.get_submodule(self.embedding)

@@ -161,7 +161,8 @@ def plan_ties(model: nn.Module, config: LoraConfig, mods: Sequence[tuple[str, nn
         return names, saved, []
     if any(p in saved for p in pair):
         saved = tuple(dict.fromkeys([*saved, emb, *heads]))
-        return names, saved, [TieSpec("saved", h, emb) for h in heads]
+        mods_by = dict(mods)
+        return names, saved, [TieSpec("saved", h, emb, *reversed(mods_by[h].weight.shape)) for h in heads]
     if any(p in names for p in pair):
         wrappers = {h: model.get_submodule(h) for h in heads}
         names, ties = _lora_tie(config, dict(mods), emb, heads, names, [n for n, _ in mods], wrappers)

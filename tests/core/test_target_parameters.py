@@ -123,6 +123,11 @@ def test_moe_defaults_name_what_they_leave_out():
     # the parameters it names exist in the family's model
     names = {n.split(".", 3)[-1] for n, _ in build("mixtral").named_parameters() if ".layers.0." in n}
     assert all(p in names for p in MOE_EXPERT_PARAMETERS["mixtral"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quiet(get_peft_model, build("mixtral"), LoraConfig(r=4))  # the default: attention only, as peft
+    from lorakit import dry_run
+
+    table = dry_run(build("mixtral"), LoraConfig(r=4)).table()  # `lorakit inspect --model M` prints this
+    assert "left out: the fused experts" in table and "target_parameters=['mlp.experts.gate_up_proj'" in table
+    report = dry_run(build("mixtral"), LoraConfig(r=4, target_parameters=EXPERTS))
+    assert "left out" not in report.table() and "param x2" in report.table()
+    model = get_peft_model(build("mixtral"), LoraConfig(r=4, target_parameters=EXPERTS))
+    assert report.trainable_params == model.get_nb_trainable_parameters()[0]

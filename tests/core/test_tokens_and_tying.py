@@ -171,3 +171,14 @@ def test_a_tied_pair_merges_its_update_once_and_unmerges_it():
     model.unmerge_adapter()
     torch.testing.assert_close(table, original, rtol=0, atol=1e-6)
     assert_logits_close(logits(model.merge_and_unload(), batch), expected)
+
+
+@pytest.mark.parametrize("case", ["llama-list", "tied-tokens", "tie-lora-head", "tie-saved-head"])
+def test_dry_run_counts_what_the_model_trains(case):
+    from lorakit import dry_run
+
+    family, kw = CASES[case]
+    report = dry_run(_builder(family)(), LoraConfig(r=4, **kw))
+    model = get_peft_model(_builder(family)(), LoraConfig(r=4, **kw))
+    assert report.trainable_params == model.get_nb_trainable_parameters()[0]
+    assert ("tokens" in report.table()) == ("trainable_token_indices" in kw)
