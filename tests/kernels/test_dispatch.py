@@ -69,11 +69,15 @@ def test_off_the_cpu_every_choice_is_torch_on_the_device():
 
 
 def test_the_facts_linear_route_stops_at_settle_the_route():
-    """``linear_route`` returns at once for per-row routing, kernels off and a device other than the CPU:
-    no other fact changes the route there."""
+    """``linear_route`` and ``dropout_route`` return at once for per-row routing, kernels off, a device other
+    than the CPU and torch.compile: no other fact changes the route there."""
     for f in _all_facts():
-        if f.rows or not f.kernels or f.device != "cpu":
+        if f.rows or not f.kernels or f.device != "cpu" or f.compiling:
             assert choose(f).linear == R, f
+        if not f.kernels or f.device != "cpu" or f.compiling:
+            assert choose(f).dropout == "torch", f
+        else:
+            assert choose(f).dropout == dispatch._CPU_DROPOUT == "shared-mask", f
 
 
 def test_kernels_need_matching_dtypes_and_siblings_need_exact_floats_and_frozen_weights():
@@ -199,3 +203,17 @@ def test_a_lora_layer_on_another_device_runs_torch_ops_only(no_host_kernels, gra
 
 def test_facts_defaults_are_a_cpu_training_call():
     assert replace(Facts(), device="cpu") == Facts() and choose(Facts()).linear == S
+
+
+def test_under_torch_compile_a_lora_layer_traces_its_reference_path(monkeypatch):
+    layer = _layer()
+    nn.init.normal_(layer.lora_B["default"].weight)
+    layer.lora_dropout["default"] = kernels.SharedDropout(0.2)
+    seen = []
+    real = dispatch.linear_route
+    monkeypatch.setattr(dispatch, "linear_route", lambda *a: seen.append(real(*a)) or seen[-1])
+    x = torch.randn(3, 8)
+    compiled = torch.compile(layer.eval(), backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x))
+    assert seen[0] == R and seen[-1] == G  # traced: the reference; run eagerly: the generation kernel

@@ -102,6 +102,9 @@ def choose(f: Facts) -> Choice:
                   ffn_skip=loss == FUSED and not f.checkpointing, head=head)
 
 
+# what the dispatcher picks for LoRA dropout once the switch, the device and torch.compile are as in Facts()
+_CPU_DROPOUT = choose(Facts()).dropout
+
 # memo of the pure ``choose``: the same facts always get the same choice, so one process-wide table serves all
 _MEMO: dict = {}
 
@@ -142,36 +145,30 @@ _LINEAR: dict = {}
 def linear_route(x: torch.Tensor, base: torch.nn.Module, A: torch.Tensor, rows: bool) -> str:
     """The route of one LoRA linear call: input ``x``, wrapped layer ``base``, adapter weight ``A``.
 
-    The switch, per-row routing and a device other than the CPU each settle the route alone
-    (tests/kernels/test_dispatch.py checks that no other fact changes it), so the rest is not looked at.
+    The switch, per-row routing, a device other than the CPU and torch.compile each settle the route alone
+    (tests/kernels/test_dispatch.py checks that no other fact changes it), so the rest is not looked at
+    (nor traced by torch.compile).
     """
-    if rows or not STATE.on or not x.is_cpu:
+    if rows or not STATE.on or not x.is_cpu or torch.compiler.is_compiling():
         return REFERENCE
     grad = torch.is_grad_enabled()
     W, hooks = guards.layer_facts(base)
     dtype = x.dtype if (W.dtype is x.dtype and A.dtype is x.dtype) else None
-    key = (grad, dtype, torch.is_autocast_enabled("cpu"), torch.compiler.is_compiling(), hooks,
-           grad and guards.saved_tensor_hooks(), not grad and _learning.get() > 0, not W.requires_grad)
+    key = (grad, dtype, torch.is_autocast_enabled("cpu"), hooks, grad and guards.saved_tensor_hooks(),
+           not grad and _learning.get() > 0, not W.requires_grad)
     route = _LINEAR.get(key)
     if route is None:
-        facts = Facts(device="cpu", grad=grad, dtype=_dtype_name(dtype), autocast=key[2], compiling=key[3],
-                      module_hooks=hooks, saved_tensor_hooks=key[5], learning=key[6], frozen_weight=key[7])
+        facts = Facts(device="cpu", grad=grad, dtype=_dtype_name(dtype), autocast=key[2], module_hooks=hooks,
+                      saved_tensor_hooks=key[4], learning=key[5], frozen_weight=key[6])
         route = _LINEAR[key] = choose(facts).linear
     return route
 
 
-_DROPOUT: dict = {}
-
-
 def dropout_route(x: torch.Tensor) -> str:
     """LoRA dropout's mask for input ``x``: shared-mask (CPU kernels) or torch (F.dropout on x's device)."""
-    if not STATE.on or not x.is_cpu:
-        return TORCH
-    compiling = torch.compiler.is_compiling()
-    route = _DROPOUT.get(compiling)
-    if route is None:
-        route = _DROPOUT[compiling] = choose(Facts(compiling=compiling)).dropout
-    return route
+    if not STATE.on or not x.is_cpu or torch.compiler.is_compiling():
+        return TORCH  # each settles it alone (tests/kernels/test_dispatch.py)
+    return _CPU_DROPOUT
 
 
 def loss_facts(device: torch.device | str, dtype: torch.dtype | None = None, grad: bool | None = None,
