@@ -128,3 +128,26 @@ def test_unknown_template_refused_before_anything_is_written(tiny_chat_base, tmp
     assert main(["export", "--adapter", str(tmp_path / "ad"), "--to", "ollama", "--out", str(out),
                  "--no-template"]) == 0
     assert "TEMPLATE" not in (out / "Modelfile").read_text()
+
+
+def test_embedded_base_is_its_own_gguf_file(tmp_path, embedded_model_dir):
+    """For the embedded model the Modelfile's base is the GGUF file its weights were read from (what lorakit
+    trained on, dequantised), not a re-encoding."""
+    import filecmp
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lorakit import LoraConfig
+    from lorakit.models import embedded_gguf_path
+
+    folder = tmp_path / "ad"
+    LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], base_model_name_or_path="embedded").save(folder)
+    g = torch.Generator().manual_seed(0)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 576, generator=g),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(576, 2, generator=g)},
+              str(folder / "adapter_model.safetensors"))
+    assert main(["export", "--adapter", str(folder), "--to", "ollama", "--out", str(tmp_path / "o")]) == 0
+    assert filecmp.cmp(tmp_path / "o" / "base.gguf", embedded_gguf_path(), shallow=False)
+    text = (tmp_path / "o" / "Modelfile").read_text()
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text

@@ -27,10 +27,14 @@ def import_llama_cpp():
 class LlamaCppModel:
     """A GGUF model (and optionally a GGUF LoRA adapter) loaded in llama.cpp, fed token ids."""
 
-    def __init__(self, model: str | Path, lora: str | Path | None = None, n_ctx: int = 512, n_threads: int = 2):
+    def __init__(self, model: str | Path, lora: str | Path | None = None, n_ctx: int = 512, n_threads: int = 2,
+                 f32_cache: bool = False):
+        """``f32_cache``: keep the attention keys and values in float32 (llama.cpp's default is float16), for
+        comparisons down to float32 rounding."""
         llama_cpp = import_llama_cpp()
+        cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
         self.llm = llama_cpp.Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=n_ctx,
-                                   logits_all=True, verbose=False, n_threads=n_threads, seed=0)
+                                   logits_all=True, verbose=False, n_threads=n_threads, seed=0, **cache)
         self.training = False
 
     def tokenize(self, text: str) -> list[int]:

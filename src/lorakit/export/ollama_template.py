@@ -51,7 +51,7 @@ FORMATS = (
                system_at="first_user", stops=("<end_of_turn>",)),
     ChatFormat("mistral", ("[INST]", "[/INST]"), user=("[INST] ", " [/INST]"), assistant=("", "</s>"),
                generation="", system_at="first_user", stops=("[INST]", "[/INST]", "</s>")),
-    ChatFormat("mistral-v3", ("[INST]", "[/INST]"), user=("[INST]", "[/INST]"), assistant=("", "</s>"),
+    ChatFormat("mistral-v3", ("[INST]", "[/INST]"), user=("[INST] ", "[/INST]"), assistant=(" ", "</s>"),
                generation="", system_at="last_user", stops=("[INST]", "[/INST]", "</s>")),
 )
 

@@ -78,8 +78,19 @@ def to_gguf(req: ExportRequest, say: Callable[[str], None]) -> Path:
     if written.folded:
         say(f"  scaling folded into lora_b for {len(written.folded)} module(s) (rsLoRA / alpha_pattern), so llama.cpp's "
             f"alpha/r computes lorakit's delta")
-    say(f"  run it: llama-cli -m BASE.gguf --lora {out}   (BASE.gguf: the base model as GGUF)")
+    base = _embedded_gguf(req.model, base_folder(req.model))
+    say(f"  run it: llama-cli -m {base or 'BASE.gguf'} --lora {out}"
+        + ("" if base else "   (BASE.gguf: the base model as GGUF, e.g. from `lorakit export --to gguf-merged`)"))
     return out
+
+
+def _embedded_gguf(model: str, folder: Path) -> Path | None:
+    """The embedded model's own GGUF file when ``model`` is the embedded model, else None."""
+    from lorakit.models.embedded import embedded_cache_path, embedded_gguf_path, is_embedded_alias
+
+    if is_embedded_alias(model) or folder.resolve() == embedded_cache_path().resolve():
+        return embedded_gguf_path()
+    return None
 
 
 def merged_model(req: ExportRequest) -> Any:
@@ -156,7 +167,7 @@ def to_ollama(req: ExportRequest, say: Callable[[str], None]) -> Path:
         if req.merged:
             names = _ollama_merged(req, tmp, folder)
         else:
-            names = _ollama_unmerged(req, tmp, folder, say)
+            names = _ollama_unmerged(req, tmp, folder)
         (tmp / "Modelfile").write_text(modelfile(*names, translation), encoding="utf-8")
     fmt = f"TEMPLATE: {translation.format.name}" if translation else "no TEMPLATE"
     say(f"wrote {out}: {', '.join(n for n in names if n)} and a Modelfile ({fmt})")
@@ -174,17 +185,17 @@ def _ollama_merged(req: ExportRequest, tmp: Path, folder: Path) -> tuple[str, No
     return "model.gguf", None
 
 
-def _ollama_unmerged(req: ExportRequest, tmp: Path, folder: Path, say: Callable[[str], None]) -> tuple[str, str]:
+def _ollama_unmerged(req: ExportRequest, tmp: Path, folder: Path) -> tuple[str, str]:
     """base.gguf + adapter.gguf. The embedded model's base is its own GGUF file, the very weights lorakit
     trained on (dequantised); another base is converted without an adapter."""
     from lorakit.export.gguf_adapter import export_adapter
     from lorakit.export.source import read_source
-    from lorakit.models.embedded import embedded_gguf_path, is_embedded_alias
 
     source = read_source(req.adapter)
     export_adapter(source, base_config(folder, req.trust_remote_code), tmp / "adapter.gguf", req.encoding)
-    if is_embedded_alias(req.model) or folder.resolve() == Path(_embedded_folder()).resolve():
-        shutil.copyfile(embedded_gguf_path(), tmp / "base.gguf")
+    own = _embedded_gguf(req.model, folder)
+    if own is not None:
+        shutil.copyfile(own, tmp / "base.gguf")
     else:
         from lorakit.export.chat_source import chat_template, tokenizer_dir
         from lorakit.export.gguf_merged import export_merged
@@ -194,9 +205,3 @@ def _ollama_unmerged(req: ExportRequest, tmp: Path, folder: Path, say: Callable[
         export_merged(merged_model(base_req), tokenizer_dir(req.adapter, folder), template, tmp / "base.gguf",
                       req.encoding, Path(str(req.model)).name)
     return "base.gguf", "adapter.gguf"
-
-
-def _embedded_folder() -> Path:
-    from lorakit.models.embedded import embedded_cache_path
-
-    return embedded_cache_path()
