@@ -20,8 +20,9 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_paths", "write_to_temp", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_tensors",
-           "atomic_torch_save", "save_safetensors", "atomic_save_pretrained", "atomic_savefig", "private_temp_dir", "remove_temp_dirs",
+__all__ = ["atomic_path", "atomic_paths", "write_to_temp", "atomic_write_bytes", "atomic_write_text",
+           "atomic_write_json", "atomic_save_tensors", "atomic_torch_save", "save_safetensors", "atomic_save_pretrained",
+           "atomic_savefig", "private_temp_dir", "remove_temp_dirs", "load_plain_tensors", "UnreadableFile",
            "TEMP_PREFIX"]
 
 #: temp files and folders start with this, so a later run can recognise (and remove) leftovers of a killed one

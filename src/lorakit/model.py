@@ -21,12 +21,14 @@ from .hf.compat import PeftCompatMixin
 from .hf.signature import signed_forward
 from .layers import LoraLayer, ModulesToSave, wrapper_for
 from .layers.init import init_from_base
-from .layers.routing import BASE, adapter_rows
+from .layers.routing import adapter_rows
 from .kernels import SharedDropout
 from .loss import fused_forward
 from .loss.state import loss_state
-from .peft_format import adapter_state_dict, check_state_dict, peft_load_options, read_checked, save_adapter
-from .plan import AdapterPlan, as_adapter_names, check_new_adapter, plan_adapter, trained_biases
+from .peft_format import (adapter_folder, adapter_state_dict, check_state_dict, peft_load_options, read_checked,
+                          save_adapter)
+from .plan import (AdapterPlan, as_adapter_names, batch_size, check_new_adapter, check_rows, plan_adapter,
+                   trained_biases)
 from .undo import undo_on_error
 from .hf.quant import guard_cpu_4bit_training, is_quantized_model, stored_elements
 
@@ -281,7 +283,7 @@ class LoraModel(PeftCompatMixin, nn.Module):
         self._check_live()
         rows = contextlib.nullcontext()
         if adapter_names is not None:
-            self._check_rows(adapter_names)
+            self._check_rows(adapter_names, batch_size(args, kwargs))
             rows = adapter_rows(adapter_names)
         try:
             with rows:
@@ -313,11 +315,8 @@ class LoraModel(PeftCompatMixin, nn.Module):
         for _, layer in self.lora_layers():
             layer.__dict__.pop("_route_cache", None)
 
-    def _check_rows(self, names: Sequence[str]) -> None:
-        unknown = sorted({n for n in names if n != BASE and n not in self.peft_config})
-        if unknown:
-            raise LoraError(f"adapter_names has unknown adapters {unknown}; loaded: {list(self.peft_config)} "
-                            f"(use {BASE!r} for the base model).")
+    def _check_rows(self, names: Sequence[str], batch: int | None = None) -> None:
+        check_rows(names, self.peft_config, batch)
 
     # -- merge ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
@@ -405,7 +404,7 @@ class LoraModel(PeftCompatMixin, nn.Module):
         for name in names:
             self._require(name)
         for name in names:
-            target = save_directory if name == "default" else os.path.join(save_directory, name)
+            target = adapter_folder(save_directory, name)
             save_adapter(self, target, name, path_initial_model_for_weight_conversion)
 
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,

@@ -98,6 +98,14 @@ def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def adapter_folder(save_directory, adapter_name: str) -> str:
+    """Where ``save_pretrained`` writes an adapter: the folder itself for "default", a subfolder for others."""
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise LoraError(f"save_directory must be a path (str or os.PathLike); got {type(save_directory).__name__} "
+                        f"{save_directory!r}.")
+    return os.fspath(save_directory) if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+
+
 def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Read and check an adapter folder; raises AdapterLoadError naming the file and the problem."""
     directory = os.fspath(directory)

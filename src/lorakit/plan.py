@@ -20,7 +20,7 @@ from .layers.routing import BASE
 from .targets import module_kind, pattern_value, select_targets, unmatched_pattern_keys
 from .variants_plan import check_param_adapters, plan_variants, selects_modules
 
-__all__ = ["TargetSpec", "AdapterPlan", "as_adapter_names", "check_new_adapter", "plan_adapter", "trained_biases", "plain_modules", "PEFT_PREFIX"]
+__all__ = ["TargetSpec", "AdapterPlan", "as_adapter_names", "batch_size", "check_new_adapter", "check_rows", "plan_adapter", "trained_biases", "plain_modules", "PEFT_PREFIX"]
 
 PEFT_PREFIX = "base_model.model."
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -253,6 +253,29 @@ def _check_patterns(config: LoraConfig, names: list[str]) -> None:
                 f"modules: {', '.join(leaves)} (e.g. {names[0]}). A key matches the end of a module path "
                 f"('q_proj', 'layers.0.self_attn.q_proj') or is a regex; fix the key, or add the module to "
                 f"target_modules.")
+
+
+def check_rows(names, known, batch: int | None = None) -> None:
+    """``adapter_names`` of a forward / generate call: a list of loaded adapter names (or "__base__"), one per
+    row of the batch, or one per group of rows when the batch repeats each row (beams): the batch size, when
+    known, must be a multiple of the list's length."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise LoraError(f"adapter_names must be a list with one adapter name per row of the batch (e.g. "
+                        f"['default', {BASE!r}]); got {type(names).__name__} {names!r}.")
+    unknown = sorted({str(n) for n in names if n != BASE and n not in known})
+    if unknown:
+        raise LoraError(f"adapter_names has unknown adapters {unknown}; loaded: {list(known)} "
+                        f"(use {BASE!r} for the base model).")
+    if not names or (batch is not None and batch % len(names)):
+        raise LoraError(f"adapter_names has {len(names)} entries but the batch has {batch} rows; give one adapter "
+                        f"name per row.")
+
+
+def batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Rows of a forward call's batch (input_ids or inputs_embeds), when it can be told."""
+    x = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    shape = getattr(x, "shape", None)
+    return int(shape[0]) if shape else None
 
 
 def as_adapter_names(value, field: str) -> list:
