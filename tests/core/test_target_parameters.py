@@ -131,3 +131,16 @@ def test_moe_defaults_name_what_they_leave_out():
     assert "left out" not in report.table() and "param x2" in report.table()
     model = get_peft_model(build("mixtral"), LoraConfig(r=4, target_parameters=EXPERTS))
     assert report.trainable_params == model.get_nb_trainable_parameters()[0]
+
+
+def test_lorakit_inspect_describes_a_saved_expert_adapter(tmp_path, capsys):
+    """A raw parameter's pair holds r rows per expert: inspect takes it as such (not as a wrong rank)."""
+    from lorakit.cli.main import main
+
+    model = get_peft_model(build("mixtral"), LoraConfig(r=4, target_modules=["q_proj"], target_parameters=EXPERTS,
+                                                         rank_pattern={"down_proj": 2}))
+    model.save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "target_parameters: ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']" in out
+    assert "mlp.experts.base_layer.lora_A.weight  (8, 32)" in out

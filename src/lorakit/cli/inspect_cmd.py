@@ -42,12 +42,16 @@ def _lora_rank_errors(config, weights: dict) -> list[str]:
     from lorakit.targets import pattern_value
 
     bad = []
+    params = {p.rpartition(".")[0] for p in (config.target_parameters or ())}
     for name, t in weights.items():
         parts = name.split(".")
         kind = next((p for p in parts if p in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")), None)
         if kind is None or t.dim() < 2:
             continue
         module = ".".join(parts[:parts.index(kind)]).removeprefix("base_model.model.")
+        plain = module.replace(".base_layer", "")
+        if any(plain == p or plain.endswith("." + p) for p in params):
+            continue  # a raw parameter's pair has r rows per expert (layers/param.py); loading checks its shapes
         want = pattern_value(config.rank_pattern or {}, module, config.r)
         # lora_A / lora_embedding_A: (r, in...); lora_B / lora_embedding_B: (out, r, ...)
         got = t.shape[0] if kind.endswith("A") else t.shape[1]
@@ -71,6 +75,11 @@ def _describe_adapter(path: str):
         print(f"{k}: {sorted(v) if isinstance(v, (set, frozenset)) else list(v) if isinstance(v, tuple) else v}")
     if config.rank_pattern:
         print(f"rank_pattern: {dict(config.rank_pattern)}")
+    for k, off in (("init_lora_weights", True), ("target_parameters", None), ("trainable_token_indices", None),
+                   ("ensure_weight_tying", False)):
+        v = getattr(config, k, off)
+        if v != off:
+            print(f"{k}: {list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v}")
     names = list(weights)
     total = sum(t.numel() for t in weights.values())
     print(f"tensors: {len(names)}, parameters: {total:,d}")
