@@ -144,3 +144,12 @@ def test_lorakit_inspect_describes_a_saved_expert_adapter(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "target_parameters: ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']" in out
     assert "mlp.experts.base_layer.lora_A.weight  (8, 32)" in out
+
+
+@pytest.mark.parametrize("family,params", [("llama", ["self_attn.q_proj.weight", "mlp.down_proj.weight"]),
+                                           ("bloom", ["self_attention.dense.weight"])])
+def test_a_2d_parameter_matches_peft(family, params, tmp_path):
+    """A 2-D parameter (here a linear layer's weight, reached as a parameter): one pair, delta = s B A."""
+    ours, theirs = check_variant(lambda: build(family), family, tmp_path, r=4, lora_alpha=8, target_modules=[],
+                                 target_parameters=params)
+    assert_same_merge(ours, theirs)
