@@ -90,6 +90,8 @@ def zoo(tmp_path_factory, model_dir, adapter_dir):
         "d_empty.jsonl": b"",
         "d_not_objects.jsonl": b"[1, 2]\n3\n",
         "d_bad.csv": b"text,label\n\"unclosed,x\n",
+        "d_deep.jsonl": b'{"text": ' + b"[" * 100000 + b"]" * 100000 + b"}\n",
+        "d_deep.json": b"[" * 100000 + b"]" * 100000,
     }
     for name, data in files.items():
         (z / name).write_bytes(data)
@@ -171,6 +173,8 @@ CASES = {
     "train data empty": (["train", "{recipe:d_empty.jsonl}"], ["d_empty.jsonl"]),
     "train data not objects": (["train", "{recipe:d_not_objects.jsonl}"], ["d_not_objects.jsonl"]),
     "train data bad CSV": (["train", "{recipe:d_bad.csv}"], ["d_bad.csv"]),
+    "train data nested too deep (JSON Lines)": (["train", "{recipe:d_deep.jsonl}"], ["d_deep.jsonl", "nested"]),
+    "train data nested too deep (JSON)": (["train", "{recipe:d_deep.json}"], ["d_deep.json", "nested"]),
     "train builtin escaping": (["train", "{recipe:builtin:../../../etc/passwd}"], ["builtin:../../../etc/passwd"]),
     "train builtin absolute": (["train", "{recipe:builtin:/etc/passwd}"], ["builtin:/etc/passwd"]),
     "train builtin unknown": (["train", "{recipe:builtin:nope.jsonl}"], ["builtin:nope.jsonl"]),

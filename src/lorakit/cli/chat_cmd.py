@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     chat_ids(tokenizer, [{"role": "user", "content": "hi"}])  # fail early without a chat template
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
+    from lorakit.cli.common import tolerant_stdin
+
+    tolerant_stdin()
     interactive = sys.stdin.isatty()
     print("chat: type a message; /reset clears the conversation, /exit leaves.", file=sys.stderr)
     while True:

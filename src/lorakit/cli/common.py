@@ -280,3 +280,12 @@ def check_sampling_args(args: argparse.Namespace) -> None:
                           f"got {p}")
     if not -2**63 <= args.seed < 2**64:
         raise ConfigError(f"--seed must fit in 64 bits (e.g. --seed 0), got {args.seed}")
+
+
+def tolerant_stdin() -> None:
+    """Text typed or piped in that is not valid UTF-8 becomes U+FFFD characters, not a decoding error."""
+    import sys
+
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if callable(reconfigure):
+        reconfigure(errors="replace")

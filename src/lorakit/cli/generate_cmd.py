@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.errors import ConfigError
 
+    if "-" in args.prompts:
+        from lorakit.cli.common import tolerant_stdin
+
+        tolerant_stdin()
     prompts = list(args.prompt) + [sys.stdin.read() if x == "-" else x for x in args.prompts]
     if not prompts:
         raise ConfigError("no prompt given: pass --prompt TEXT (or TEXT, or - for stdin)")

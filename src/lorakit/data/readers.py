@@ -210,7 +210,7 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     if not text.lstrip().startswith("["):
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             whole = None
         if isinstance(whole, dict):
             wrapped = _wrapped_list_key(whole)
@@ -236,6 +236,8 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
                         "fix that line (a JSON file must hold one list of objects).") from None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to be a list of records; check the file.") from None
     rows, locs = [], []
     for i, item in enumerate(data):
         loc = f"{path} record {i}"
@@ -277,6 +279,8 @@ def _parse_jsonl(path: Path, text: str) -> tuple[list[dict], list[str]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {lineno}: malformed JSON ({e.msg} at column {e.colno}); "
                             "fix that line: JSON Lines needs one complete object per line.") from None
+        except RecursionError:
+            raise DataError(f"{path} line {lineno}: nested too deeply to be a record; check that line.") from None
         if not isinstance(item, dict):
             raise DataError(f"{path} line {lineno}: a {type(item).__name__}, not an object; "
                             "each line must be one JSON object.")
