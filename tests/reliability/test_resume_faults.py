@@ -191,3 +191,13 @@ def test_adapter_pickle_with_code_is_refused_plainly(tmp_path):
         LoraModel.from_pretrained(base, folder, allow_pickle=True)
     assert "refused: not plain tensors" in str(e.value) and "weights_only" not in str(e.value)
     assert_model_unchanged(base, before)
+
+
+@pytest.mark.parametrize("resume", [5, "", "   ", ["latest"]])
+def test_resume_that_names_nothing_is_refused(tmp_path, resume):
+    model = lora_model()
+    before = model_snapshot(model)
+    with pytest.raises(TrainingError, match="latest"):
+        train_loop(model, tiny_examples(12), pad_batch, config_from_dict({}, BASE), tmp_path / "run", resume=resume,
+                   print_fn=lambda s: None)
+    assert_model_unchanged(model, before)

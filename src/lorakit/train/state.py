@@ -338,6 +338,8 @@ def resolve_resume(resume: str | Path, output_dir: str | Path,
     """
     global _last_read
     report = report or (lambda msg: print(msg, file=sys.stderr))
+    if not isinstance(resume, (str, os.PathLike)) or not str(resume).strip():
+        raise TrainingError(f"resume must be `latest` or a checkpoint folder; got {resume!r}")
     path = Path(resume) if str(resume) != "latest" else None
     if path is not None and (path / STATE_FILE).is_file():
         _last_read = read_checkpoint(path)
