@@ -64,9 +64,16 @@ def assert_model_unchanged(model: torch.nn.Module, before: dict) -> None:
     assert after["training"] == before["training"], "train/eval mode changed"
     assert after["weights"].keys() == before["weights"].keys()
     for n, w in before["weights"].items():
-        assert torch.equal(after["weights"][n], w), f"weight {n} changed"
+        assert _same(after["weights"][n], w), f"weight {n} changed"
     for n, b in before["buffers"].items():
-        assert torch.equal(after["buffers"][n], b), f"buffer {n} changed"
+        assert _same(after["buffers"][n], b), f"buffer {n} changed"
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exactly equal, a NaN matching a NaN in the same place."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
 
 
 def tree_snapshot(folder: Path, hash_below: int = 1 << 30) -> dict:

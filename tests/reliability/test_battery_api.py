@@ -188,7 +188,18 @@ def _set(value):
     return change
 
 
+def poisoned():
+    """A LoraModel whose adapter holds a NaN: merging it would poison the base weights."""
+    model = wrapped()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n)[0, 0] = math.nan
+    return model
+
+
 CALL_CASES = {
+    "safe merge of a NaN adapter": (poisoned, lambda m: m.merge_adapter(safe_merge=True), LoraError, "NaN"),
+    "safe merge_and_unload of a NaN adapter": (poisoned, lambda m: m.merge_and_unload(safe_merge=True), LoraError,
+                                               "NaN"),
     "get_peft_model with a dict": (base, lambda m: get_peft_model(m, {"r": 8}), LoraError, "LoraConfig"),
     "get_peft_model with a peft-like object": (base, lambda m: get_peft_model(m, object()), LoraError, "LoraConfig"),
     "get_peft_model on a LoraModel": (wrapped, lambda m: get_peft_model(m, LoraConfig(target_modules=QV)), LoraError,
