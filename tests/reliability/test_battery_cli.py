@@ -326,7 +326,7 @@ def _fill(arg: str, zoo: Path, model_dir: Path, adapter_dir: Path) -> str:
 def test_cli_refuses_cleanly_and_changes_nothing(case, zoo, model_dir, adapter_dir, capsys, monkeypatch, tmp_path):
     argv, needles = CASES[case]
     monkeypatch.chdir(tmp_path)  # outputs of a recipe with a relative output.dir would land here
-    monkeypatch.setenv("LORAKIT_API_KEY", "")
+    monkeypatch.delenv("LORAKIT_API_KEY", raising=False)
     argv = [_fill(a, zoo, model_dir, adapter_dir) for a in argv]
     watched = [zoo, model_dir, adapter_dir.parent, tmp_path]
     before = [tree_snapshot(f, hash_below=1 << 16) for f in watched]
