@@ -201,3 +201,11 @@ def test_resume_that_names_nothing_is_refused(tmp_path, resume):
         train_loop(model, tiny_examples(12), pad_batch, config_from_dict({}, BASE), tmp_path / "run", resume=resume,
                    print_fn=lambda s: None)
     assert_model_unchanged(model, before)
+
+
+def test_runs_of_another_precision_in_one_process(tmp_path):
+    """accelerate keeps one precision per process; lorakit's runs may differ (folds, notebooks, tests)."""
+    for i, precision in enumerate(["no", "bf16", "no"]):
+        cfg = config_from_dict({}, BASE + ["train.max_steps=1", f"train.mixed_precision={precision}"])
+        res = train_loop(lora_model(), tiny_examples(8), pad_batch, cfg, tmp_path / str(i), print_fn=lambda s: None)
+        assert res.steps == 1

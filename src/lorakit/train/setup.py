@@ -127,6 +127,17 @@ def total_steps(cfg: TrainConfig, n_batches: int, world: int = 1) -> int:
     return max(1, math.ceil(cfg.train.epochs * per_epoch))
 
 
+def _forget_other_precision(mixed_precision: str) -> None:
+    """accelerate keeps one precision per process: a second run in the same process (a notebook, a test,
+    cross-validation folds) with another train.mixed_precision would be refused by Accelerator(). The
+    process-wide state (devices, distributed setup) stays; only the precision settings are reset."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def setup_run(model: torch.nn.Module, examples: list[dict], collate: Callable[[list[dict]], dict],
               cfg: TrainConfig, out: Path, *, resume: str | Path | None, overwrite: bool,
               eval_examples: Optional[list] = None, extra_eval: Optional[Callable] = None,
@@ -138,6 +149,7 @@ def setup_run(model: torch.nn.Module, examples: list[dict], collate: Callable[[l
     if not examples:
         raise TrainingError("no training examples; check data.train and the template's columns")
     tc = cfg.train
+    _forget_other_precision(tc.mixed_precision)
     accelerator = Accelerator(cpu=tc.cpu or not torch.cuda.is_available(), mixed_precision=tc.mixed_precision)
     # data parallel (accelerate launch --num_processes N): each optimizer step takes grad_accum batches on
     # every process; the main process alone writes files
