@@ -72,7 +72,11 @@ def dora_embedding_forward(x: torch.Tensor, result: torch.Tensor, base: nn.Embed
     factor = magnitude / norm
     after_a = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
                           base.sparse)
-    return factor * result + factor * (after_a @ B.t()) * scale
+    update = factor * (after_a @ B.t()) * scale
+    embed_scale = getattr(base, "embed_scale", None)  # a scaled embedding (Gemma 3): after the norm, as peft
+    if isinstance(embed_scale, (int, float)) or (isinstance(embed_scale, torch.Tensor) and embed_scale.numel() == 1):
+        update = update * torch.as_tensor(embed_scale, dtype=update.dtype, device=update.device)
+    return factor * result + update
 
 
 def dora_merged_weight(weight_rows: torch.Tensor, base_rows: torch.Tensor, delta_rows: torch.Tensor,

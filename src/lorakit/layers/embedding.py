@@ -18,12 +18,36 @@ from .dora import dora_embedding_forward
 __all__ = ["LoraEmbedding", "lora_embedding_delta", "lora_embedding_weight"]
 
 
+def embed_scale_of(base: nn.Module) -> torch.Tensor | None:
+    """The factor a scaled embedding (Gemma 3's ``embed_scale``) multiplies its looked-up rows by, or None.
+
+    Such a layer returns ``E[x] * embed_scale``; merging adds the update into E, so the unmerged update must
+    be scaled the same way for merged and unmerged outputs to agree (peft applies it too). A non-scalar
+    ``embed_scale`` is not applied (as peft), with a warning.
+    """
+    s = getattr(base, "embed_scale", None)
+    if s is None:
+        return None
+    if isinstance(s, (int, float)):
+        return torch.tensor(float(s), device=base.weight.device, dtype=base.weight.dtype)
+    if isinstance(s, torch.Tensor) and s.numel() == 1:
+        return s
+    import warnings
+
+    warnings.warn(f"{type(base).__name__}.embed_scale has shape {tuple(getattr(s, 'shape', ()))}, not a scalar; "
+                  f"the LoRA update is not scaled by it (as peft).", stacklevel=3)
+    return None
+
+
 def lora_embedding_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
                          base: nn.Embedding) -> torch.Tensor:
-    """``scale * A.T[x] @ B.T``: the LoRA update for token ids ``x``, looked up as ``base`` looks up its table."""
+    """``scale * A.T[x] @ B.T``: the LoRA update for token ids ``x``, looked up as ``base`` looks up its table
+    (and multiplied by ``base``'s ``embed_scale`` where it scales its rows, see ``embed_scale_of``)."""
     after_a = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
                           base.sparse)
-    return (after_a @ B.t()) * scale
+    out = (after_a @ B.t()) * scale
+    factor = embed_scale_of(base)
+    return out if factor is None else out * factor.to(out.dtype)
 
 
 def lora_embedding_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
