@@ -144,3 +144,14 @@ def test_combined_adapter_saves_and_loads_in_peft(tmp_path):
     ours.eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapters, weights", [("default", [1.0]), (["default"], 1.0), (("default",), "1")])
+def test_adapters_and_weights_must_be_lists(adapters, weights):
+    from lorakit import LoraConfig, LoraError, get_peft_model
+    from tiny import tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(LoraError, match="must be a list"):
+        model.add_weighted_adapter(adapters, weights, "mix", combination_type="cat")
+    assert "mix" not in model.peft_config

@@ -154,6 +154,11 @@ def add_weighted(model, adapters: Sequence[str], weights: Sequence[float], adapt
                  majority_sign_method: str = "total") -> None:
     """``LoraModel.add_weighted_adapter``: check everything, add the adapter, fill it per layer."""
     model._check_live()
+    if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)):
+        raise LoraError(f"adapters must be a list of adapter names, got {adapters!r}; e.g. "
+                        f"add_weighted_adapter([{adapters!r}], [1.0], 'new') for one adapter.")
+    if isinstance(weights, (str, int, float)) or not isinstance(weights, (list, tuple)):
+        raise LoraError(f"weights must be a list with one number per adapter, got {weights!r}.")
     adapters = list(adapters)
     weights = _check_request(model, adapters, weights, combination_type, svd_rank, svd_clamp, density,
                              majority_sign_method)
