@@ -58,3 +58,16 @@ def embedded_model_dir():
     from lorakit.models import embedded_model_path
 
     return embedded_model_path()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model load fails the test: a bad input must be reported before the model is loaded."""
+    import lorakit.models
+    import lorakit.models.embedded
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(lorakit.models, "load_model_and_tokenizer", refuse)
+    monkeypatch.setattr(lorakit.models.embedded, "load_model_and_tokenizer", refuse)

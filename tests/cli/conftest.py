@@ -43,18 +43,6 @@ def adapter(tmp_path_factory, tiny_model_dir):
     return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "adapter")
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Any model load fails the test: the check must come before it."""
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    import lorakit.models
-    import lorakit.models.embedded
-
-    monkeypatch.setattr(lorakit.models, "load_model_and_tokenizer", refuse)
-    monkeypatch.setattr(lorakit.models.embedded, "load_model_and_tokenizer", refuse)
-
 
 def err_of(argv, capsys, rc=1):
     """Run the CLI expecting exit code ``rc``; its stderr (checked to hold no traceback)."""

@@ -16,16 +16,3 @@ def model_dir(tmp_path_factory, embedded_model_dir):
 @pytest.fixture(scope="session")
 def adapter_dir(tmp_path_factory, model_dir):
     return build_adapter(model_dir, tmp_path_factory.mktemp("rel_adapter") / "adapter")
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Any model load fails the test: the bad input must be reported before it."""
-    import lorakit.models
-    import lorakit.models.embedded
-
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(lorakit.models, "load_model_and_tokenizer", refuse)
-    monkeypatch.setattr(lorakit.models.embedded, "load_model_and_tokenizer", refuse)

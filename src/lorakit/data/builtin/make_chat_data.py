@@ -15,9 +15,10 @@ Kit must copy them from the conversation.
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from lorakit.data.builtin.make_demo_data import to_jsonl, write_splits  # noqa: F401 (to_jsonl: the tests compare with it)
 
 SEED = 20240612
 N_TRAIN = 96
@@ -91,15 +92,9 @@ def build_splits(seed: int = SEED) -> tuple[list[dict], list[dict]]:
     return train, test
 
 
-def to_jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
 def main(out_dir: Path = HERE) -> None:
     train, test = build_splits()
-    for name, rows in ((TRAIN_FILE, train), (TEST_FILE, test)):
-        (out_dir / name).write_text(to_jsonl(rows), encoding="utf-8")
-        print(f"wrote {len(rows)} conversations to {out_dir / name}")
+    write_splits({TRAIN_FILE: train, TEST_FILE: test}, out_dir, what="conversations")
 
 
 if __name__ == "__main__":

@@ -176,11 +176,16 @@ def to_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
+def write_splits(splits: dict[str, list[dict]], out_dir: Path, what: str = "rows") -> None:
+    """Each split as a JSON-lines file in ``out_dir`` (the generators' one writer)."""
+    for name, rows in splits.items():
+        (out_dir / name).write_text(to_jsonl(rows), encoding="utf-8")
+        print(f"wrote {len(rows)} {what} to {out_dir / name}")
+
+
 def main(out_dir: Path = HERE) -> None:
     train, test = build_splits()
-    for name, rows in ((TRAIN_FILE, train), (TEST_FILE, test)):
-        (out_dir / name).write_text(to_jsonl(rows), encoding="utf-8")
-        print(f"wrote {len(rows)} rows to {out_dir / name}")
+    write_splits({TRAIN_FILE: train, TEST_FILE: test}, out_dir)
 
 
 if __name__ == "__main__":
