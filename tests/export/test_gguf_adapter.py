@@ -92,7 +92,8 @@ def test_pairs_hold_A_and_B_with_llama_cpp_row_order(tiny_base, tmp_path):
     export(tmp_path / "ad", tmp_path / "ad.gguf")
     tensors, _ = read(tmp_path / "ad.gguf")
     layer = lora.model.model.layers[1].self_attn
-    A, B = layer.q_proj.lora_A["default"].weight.detach().numpy(), layer.q_proj.lora_B["default"].weight.detach().numpy()
+    A = layer.q_proj.lora_A["default"].weight.detach().numpy()
+    B = layer.q_proj.lora_B["default"].weight.detach().numpy()
     np.testing.assert_array_equal(tensors["blk.1.attn_q.weight.lora_a"][0], A)
     assert not np.array_equal(tensors["blk.1.attn_q.weight.lora_b"][0], B)  # reordered ...
     np.testing.assert_array_equal(from_llama_cpp_rows(tensors["blk.1.attn_q.weight.lora_b"][0], N_HEAD), B)  # ... only

@@ -153,6 +153,8 @@ def test_embedded_model_adapter_agrees_with_lorakit_as_well_as_the_base_does(lla
         ad_ours = [lora(input_ids=torch.tensor([s])).logits[0].numpy() for s in seqs]
     cpp = cpp_model(embedded_gguf_path(), tmp_path / "ad.gguf")
     ad_cpp = [cpp.logits(s) for s in seqs]
+    cpp.close()
+    plain.close()
     with_adapter = agreement(ad_ours, ad_cpp)
     print(f"top-1 agreement lorakit vs llama.cpp: base {baseline:.4f}, base + adapter {with_adapter:.4f} "
           f"({sum(map(len, seqs))} positions); adapter changed top-1 at {1 - agreement(base_ours, ad_ours):.1%} "
@@ -161,3 +163,31 @@ def test_embedded_model_adapter_agrees_with_lorakit_as_well_as_the_base_does(lla
     assert with_adapter >= 0.95 and with_adapter >= baseline - 0.02
     assert 1 - agreement(base_ours, ad_ours) > 0.05  # the adapter's effect is visible ...
     assert 1 - agreement(base_cpp, ad_cpp) > 0.05  # ... in both
+
+
+def test_embedded_model_adapter_is_exact_on_a_float32_base(llama_cpp, tmp_path):
+    """The same adapter file on the embedded model's dequantised weights written as float32: no quantisation
+    on either side, so llama.cpp and lorakit agree to rounding at every position."""
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("embedded", dtype="float32")
+    seqs = embedded_sequences(tokenizer)[:12]
+    export("--model", "embedded", "--to", "gguf-merged", "--out", tmp_path / "base.gguf", "--outtype", "f32")
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=ALL_TARGETS, use_rslora=True,
+                                            base_model_name_or_path="embedded"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    lora.save_pretrained(tmp_path / "ad")
+    export("--adapter", tmp_path / "ad", "--to", "gguf", "--out", tmp_path / "ad.gguf")
+    cpp = cpp_model(tmp_path / "base.gguf", tmp_path / "ad.gguf", exact=True)
+    with torch.no_grad():
+        ours = [lora(input_ids=torch.tensor([s])).logits[0].numpy() for s in seqs]
+    theirs = [cpp.logits(s) for s in seqs]
+    cpp.close()
+    assert agreement(ours, theirs) >= 0.998  # a top-1 flip needs a tie within rounding
+    assert max(np.abs(a - b).max() / np.abs(a).max() for a, b in zip(ours, theirs)) < 1e-3

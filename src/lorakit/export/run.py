@@ -76,8 +76,8 @@ def to_gguf(req: ExportRequest, say: Callable[[str], None]) -> Path:
     written = export_adapter(source, config, out, req.encoding)
     say(f"wrote {out}: {len(written.tensors) // 2} LoRA pairs, {req.encoding}, adapter.lora.alpha={written.alpha:g}")
     if written.folded:
-        say(f"  scaling folded into lora_b for {len(written.folded)} module(s) (rsLoRA / alpha_pattern), so llama.cpp's "
-            f"alpha/r computes lorakit's delta")
+        say(f"  scaling folded into lora_b for {len(written.folded)} module(s) (rsLoRA / alpha_pattern), so "
+            f"llama.cpp's alpha/r computes lorakit's delta")
     base = _embedded_gguf(req.model, base_folder(req.model))
     say(f"  run it: llama-cli -m {base or 'BASE.gguf'} --lora {out}"
         + ("" if base else "   (BASE.gguf: the base model as GGUF, e.g. from `lorakit export --to gguf-merged`)"))
@@ -103,7 +103,28 @@ def merged_model(req: ExportRequest) -> Any:
         return model.eval()
     from lorakit import LoraModel
 
+    _untie_if_adapted(model, req.adapter)
     return LoraModel.from_pretrained(model, req.adapter).merge_and_unload().eval()
+
+
+def _untie_if_adapted(model: Any, adapter: str) -> None:
+    """Give a tied head its own copy of the weight when the adapter wraps the embedding or the head.
+
+    The adapter changes only the module it wraps (the input lookup, or the output product), but merging into
+    a weight the two share would change both; the merged model would then not compute what the adapter does.
+    """
+    import torch
+
+    from lorakit.export.source import read_source
+
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return
+    names = {id(m): n for n, m in model.named_modules()}
+    wrapped = {p.module for p in read_source(adapter).pairs}
+    if names.get(id(head)) in wrapped or names.get(id(embed)) in wrapped:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
 
 
 def to_gguf_merged(req: ExportRequest, say: Callable[[str], None]) -> Path:
