@@ -58,8 +58,8 @@ def add_hparams(writer: Any, config: Any) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     elif kind not in ("default", "llama3"):
-        raise ExportError(f"{_WHAT}: the model uses {kind!r} rotary scaling, which lorakit does not write for llama.cpp "
-                          f"(it writes none, linear and llama3). Fix: `lorakit merge` and convert the merged folder "
+        raise ExportError(f"{_WHAT}: the model uses {kind!r} rotary scaling, which lorakit does not write for "
+                          f"llama.cpp (it writes none, linear and llama3). Fix: `lorakit merge` and convert the merged folder "
                           f"with llama.cpp's convert_hf_to_gguf.py")
 
 
@@ -85,7 +85,8 @@ def llama3_rope_factors(config: Any) -> torch.Tensor | None:
     return torch.tensor(factors, dtype=torch.float32)
 
 
-def model_tensors(state: dict[str, torch.Tensor], config: Any, spec: arch.ArchSpec) -> Iterator[tuple[str, torch.Tensor]]:
+def model_tensors(state: dict[str, torch.Tensor], config: Any,
+                  spec: arch.ArchSpec) -> Iterator[tuple[str, torch.Tensor]]:
     """(llama.cpp name, tensor) for every weight of a transformers state dict, in llama.cpp's layout."""
     names = arch.tensor_map(config, spec)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -94,9 +95,9 @@ def model_tensors(state: dict[str, torch.Tensor], config: Any, spec: arch.ArchSp
             continue  # llama.cpp reuses token_embd for a tied head
         name = arch.gguf_name(names, key)
         if name is None:
-            raise ExportError(f"{_WHAT}: the model has a weight {key} that llama.cpp's {spec.gguf_arch} models do not "
-                              f"have; the file would not load. Fix: convert the `lorakit merge` folder with llama.cpp's "
-                              f"convert_hf_to_gguf.py")
+            raise ExportError(f"{_WHAT}: the model has a weight {key} that llama.cpp's {spec.gguf_arch} models do "
+                              f"not have; the file would not load. Fix: convert the `lorakit merge` folder with "
+                              f"llama.cpp's convert_hf_to_gguf.py")
         t = value.detach().float().cpu()
         module = key.rsplit(".", 1)[0]
         n_head = arch.qk_heads(spec, config, module)

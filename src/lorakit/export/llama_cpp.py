@@ -80,3 +80,7 @@ class LlamaCppModel:
 
     def eval(self) -> "LlamaCppModel":
         return self
+
+    def close(self) -> None:
+        """Free llama.cpp's model now (rather than at interpreter exit, where the binding's cleanup can fail)."""
+        self.llm.close()

@@ -140,7 +140,8 @@ def _default_system(fmt: ChatFormat, rendered: str) -> str | None:
 
 def _first_difference(expected: str, got: str) -> str:
     i = next((k for k, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
-    return f"the training template gives {expected[max(0, i - 20):i + 40]!r}, the Ollama one {got[max(0, i - 20):i + 40]!r}"
+    window = slice(max(0, i - 20), i + 40)
+    return f"the training template gives {expected[window]!r}, the Ollama one {got[window]!r}"
 
 
 def _compare(fmt: ChatFormat, template: str, tokenizer: Any, strip_bos: str) -> tuple[str, str | None]:
