@@ -22,6 +22,7 @@ from .hf.signature import signed_forward
 from .layers import LoraLayer, ModulesToSave, wrapper_for
 from .layers.init import init_from_base
 from .layers.routing import adapter_rows
+from .layers.tied import untie_for_merge
 from .kernels import SharedDropout
 from .loss import fused_forward
 from .loss.state import loss_state
@@ -329,6 +330,7 @@ class LoraModel(PeftCompatMixin, nn.Module):
         if safe_merge:  # check every layer first so a bad adapter leaves no layer half-merged
             for l in layers:
                 l.check_merge(names)
+        untie_for_merge(self.model, layers, names)  # a tied embedding/head: merge into the adapter's side only
         for l in layers:
             l.merge(names, safe=False)
 
