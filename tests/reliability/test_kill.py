@@ -18,8 +18,20 @@ from .helpers import ROOT, adapter_bytes, run_cli, write_recipe
 WORKER = Path(__file__).with_name("kill_worker.py")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The killed runs use one thread (their environment); so do the in-process runs compared with them: with
+    every kernel off (LORAKIT_KERNELS=0) BLAS sums in another order on two threads, and bytes would differ."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, model_dir):
+def reference(tmp_path_factory, model_dir, one_thread):
     """The uninterrupted run's adapter files."""
     folder = tmp_path_factory.mktemp("kill_ref")
     recipe = write_recipe(folder, model_dir, folder / "out")
