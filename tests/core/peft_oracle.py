@@ -63,7 +63,8 @@ def assert_same_state(ours, theirs, exact: bool = True) -> None:
         torch.testing.assert_close(bw_ours[key], value, **tol, msg=key)
 
 
-def train(model, batches, lr: float = 1e-2) -> list[float]:
+def train(model, batches, lr: float = 1e-2, eval_after: bool = True) -> list[float]:
+    """AdamW steps on ``batches``: the losses (the model is left in eval mode unless ``eval_after=False``)."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
@@ -73,7 +74,8 @@ def train(model, batches, lr: float = 1e-2) -> list[float]:
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    model.eval()
+    if eval_after:
+        model.eval()
     return losses
 
 

@@ -20,6 +20,7 @@ from lorakit import LoraConfig, LoraError, LoraModel, TargetError, get_peft_mode
 from lorakit.layers import LoraLayer  # noqa: E402
 
 from tiny import FAMILIES, assert_logits_close, batch_for, build, logits, perturb_lora, single_thread  # noqa: E402,F401
+from core.peft_oracle import train as oracle_train  # noqa: E402
 
 #: families whose head is tied to a targeted embedding: the head's key keeps the unmerged weight when merging
 TIED = {"gpt2": ("lm_head.weight",)}
@@ -180,16 +181,7 @@ def test_two_merged_adapters_match_peft():
 
 
 def _train(model, batches, lr=1e-2) -> list[float]:
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return oracle_train(model, batches, lr, eval_after=False)
 
 
 class FixedMask(nn.Module):

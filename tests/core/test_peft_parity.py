@@ -20,6 +20,7 @@ from peft.tuners.lora import LoraLayer as PeftLoraLayer  # noqa: E402
 from lorakit import LoraConfig, LoraModel, TaskType, get_peft_model  # noqa: E402
 
 from tiny import FAMILIES, assert_logits_close, batch_for, build, logits, perturb_lora, single_thread  # noqa: E402,F401
+from core.peft_oracle import train as oracle_train  # noqa: E402
 
 PARITY = ["bloom", "gpt2", "llama", "t5", "bart", "opt", "gpt_neox", "bert", "roberta", "deberta-v2"]
 
@@ -247,17 +248,7 @@ def test_initialisation_matches_peft(init):
 
 
 def _train(model, batches, lr=1e-2) -> list[float]:
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    losses = []
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return oracle_train(model, batches, lr, eval_after=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom", "gpt2", "t5"])
