@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,34 +43,8 @@ def wrap(variant: str, base, targets, r: int, alpha: int, dropout: float, seed: 
     return lorakit.get_peft_model(model, lorakit.LoraConfig(**kw))
 
 
-def run_steps(runs: list[dict], batches: list[torch.Tensor], warmup: int, seed: int) -> None:
-    for i, ids in enumerate(batches):
-        for run in runs:
-            torch.manual_seed(seed + i)
-            t, c = time.perf_counter(), time.process_time()
-            loss = run["model"](input_ids=ids, labels=ids).loss
-            loss.backward()
-            run["opt"].step()
-            run["opt"].zero_grad(set_to_none=True)
-            dt, dc = time.perf_counter() - t, time.process_time() - c
-            run["losses"].append(loss.item())
-            if i >= warmup:
-                run["times"].append(dt)
-                run["cpu"].append(dc)
-
-
 def report(runs: list[dict], tokens: int) -> None:
-    print()
-    for run in runs:
-        print(f"{run['name']:14s} {common.fmt_rate(tokens, run['times'])}  "
-              f"losses {' '.join(f'{x:.4f}' for x in run['losses'][:3])}")
-    print("process CPU time per step (all threads; less sensitive to other load on the machine):")
-    for run in runs:
-        s = common.stats(run["cpu"])
-        print(f"{run['name']:14s} cpu {1e3 * s['median']:.0f} ms median (min {1e3 * s['min']:.0f}, "
-              f"max {1e3 * s['max']:.0f})")
-    med = {run["name"]: common.stats(run["times"])["median"] for run in runs}
-    cpu = {run["name"]: common.stats(run["cpu"])["median"] for run in runs}
+    med, cpu = common.print_step_report(runs, tokens, 14)
     pairs = [("lorakit-dora", "peft-dora", "goal >= 1.3x"), ("lorakit-dora", "lorakit-lora", "DoRA's price in lorakit"),
              ("peft-dora", "peft-lora", "DoRA's price in peft")]
     for a, b, note in pairs:
@@ -116,7 +89,7 @@ def main(argv=None) -> None:
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         runs.append({"name": name, "model": model, "opt": opt, "times": [], "cpu": [], "losses": []})
     del base
-    run_steps(runs, batches, args.warmup, args.seed)
+    common.alternate_steps(runs, batches, args.warmup, args.seed)
     report(runs, args.batch * args.seq)
 
 

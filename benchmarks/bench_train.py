@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,32 +91,9 @@ def main(argv=None) -> None:
         runs.append({"name": f"{impl}:dropout={p}", "model": model, "opt": opt, "times": [], "cpu": [], "losses": []})
     del base
 
-    for i, ids in enumerate(batches):
-        for run in runs:
-            torch.manual_seed(args.seed + i)
-            t, c = time.perf_counter(), time.process_time()
-            loss = run["model"](input_ids=ids, labels=ids).loss
-            loss.backward()
-            if run["opt"] is not None:
-                run["opt"].step()
-                run["opt"].zero_grad(set_to_none=True)
-            dt, dc = time.perf_counter() - t, time.process_time() - c
-            run["losses"].append(loss.item())
-            if i >= args.warmup:
-                run["times"].append(dt)
-                run["cpu"].append(dc)
-
+    common.alternate_steps(runs, batches, args.warmup, args.seed)
     tokens = args.batch * args.seq
-    print()
-    for run in runs:
-        print(f"{run['name']:24s} {common.fmt_rate(tokens, run['times'])}  "
-              f"losses {' '.join(f'{x:.4f}' for x in run['losses'][:3])}")
-    print("process CPU time per step (all threads; less sensitive to other load on the machine):")
-    for run in runs:
-        s = common.stats(run["cpu"])
-        print(f"{run['name']:24s} cpu {1e3 * s['median']:.0f} ms median (min {1e3 * s['min']:.0f}, max {1e3 * s['max']:.0f})")
-    med = {run["name"]: common.stats(run["times"])["median"] for run in runs}
-    cpu = {run["name"]: common.stats(run["cpu"])["median"] for run in runs}
+    med, cpu = common.print_step_report(runs, tokens, 24)
     first = runs[0]["name"]
     for run in runs[1:]:
         n = run["name"]

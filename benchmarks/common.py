@@ -149,3 +149,39 @@ def matmul_peak_flops(threads: int, size: int = 2048, reps: int = 10) -> float:
         for _ in range(reps):
             t = time.perf_counter(); run(); best = min(best, time.perf_counter() - t)
     return 2 * size ** 3 / best
+
+
+def alternate_steps(runs: list[dict], batches: list[torch.Tensor], warmup: int, seed: int) -> None:
+    """One training step of every run per batch, in turn (the same seed for each), timing wall and process
+    CPU time after ``warmup`` batches. A run: {"model", "opt" (None: nothing to train), "times", "cpu", "losses"}."""
+    import time
+
+    for i, ids in enumerate(batches):
+        for run in runs:
+            torch.manual_seed(seed + i)
+            t, c = time.perf_counter(), time.process_time()
+            loss = run["model"](input_ids=ids, labels=ids).loss
+            loss.backward()
+            if run["opt"] is not None:
+                run["opt"].step()
+                run["opt"].zero_grad(set_to_none=True)
+            dt, dc = time.perf_counter() - t, time.process_time() - c
+            run["losses"].append(loss.item())
+            if i >= warmup:
+                run["times"].append(dt)
+                run["cpu"].append(dc)
+
+
+def print_step_report(runs: list[dict], tokens: int, width: int) -> tuple[dict, dict]:
+    """Print each run's tokens/s, first losses and CPU time per step; return (median wall, median CPU) by name."""
+    print()
+    for run in runs:
+        print(f"{run['name']:{width}s} {fmt_rate(tokens, run['times'])}  "
+              f"losses {' '.join(f'{x:.4f}' for x in run['losses'][:3])}")
+    print("process CPU time per step (all threads; less sensitive to other load on the machine):")
+    for run in runs:
+        s = stats(run["cpu"])
+        print(f"{run['name']:{width}s} cpu {1e3 * s['median']:.0f} ms median (min {1e3 * s['min']:.0f}, "
+              f"max {1e3 * s['max']:.0f})")
+    return ({run["name"]: stats(run["times"])["median"] for run in runs},
+            {run["name"]: stats(run["cpu"])["median"] for run in runs})

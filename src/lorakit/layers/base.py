@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import LoraError
 from ..hf.quant import dequantized, is_quantized_weight
 from .dora import dora_linear_delta, dora_merged_weight, dora_unmerged_weight, weight_norm
-from .routing import BASE, current_rows
+from .routing import BASE, current_rows, rows_for_batch
 
 __all__ = ["LoraLayer", "add_delta"]
 
@@ -242,10 +242,7 @@ class LoraLayer(nn.Module):
             raise LoraError(f"adapter_names (one adapter per row) does not work with DoRA adapters ({dora}), as in "
                             f"peft: run each DoRA adapter on its own batch (set_adapter) instead.")
         n = x.shape[0]
-        if len(rows) != n:
-            if n % len(rows):
-                raise LoraError(f"adapter_names has {len(rows)} entries but the batch has {n} rows.")
-            rows = tuple(r for r in rows for _ in range(n // len(rows)))  # beams / repeated rows
+        rows = rows_for_batch(rows, n)
         if self._can_batch(rows):
             return add_delta(result, self._batched_delta(x, rows))
         groups: dict[str, list[int]] = {}

@@ -25,3 +25,15 @@ def adapter_rows(names: Sequence[str] | None) -> Iterator[None]:
         yield
     finally:
         _rows.reset(token)
+
+
+def rows_for_batch(rows: tuple[str, ...], n: int) -> tuple[str, ...]:
+    """One adapter name per row of a batch of ``n`` rows: ``rows`` itself, or each entry repeated for the beams
+    or samples generate makes of one prompt (n a multiple of ``len(rows)``); anything else is a LoraError."""
+    if len(rows) == n:
+        return rows
+    if not rows or n % len(rows):
+        from ..errors import LoraError
+
+        raise LoraError(f"adapter_names has {len(rows)} entries but the batch has {n} rows.")
+    return tuple(r for r in rows for _ in range(n // len(rows)))

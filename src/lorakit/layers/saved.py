@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from .routing import current_rows
+from .routing import current_rows, rows_for_batch
 
 __all__ = ["ModulesToSave"]
 
@@ -50,12 +50,7 @@ class ModulesToSave(nn.Module):
     def _routed(self, rows: tuple[str, ...], x: torch.Tensor, *args, **kwargs):
         """One adapter per row (``adapter_names``): rows go through their own copy, as in peft."""
         n = x.shape[0]
-        if len(rows) != n:
-            if not rows or n % len(rows):
-                from ..errors import LoraError
-
-                raise LoraError(f"adapter_names has {len(rows)} entries but the batch has {n} rows.")
-            rows = tuple(r for r in rows for _ in range(n // len(rows)))  # beams / repeated rows
+        rows = rows_for_batch(rows, n)
         groups: dict[int, tuple[nn.Module, list[int]]] = {}
         for i, name in enumerate(rows):
             module = self._module_for(name)

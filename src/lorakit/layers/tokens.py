@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import LoraError
 from .base import LoraLayer
-from .routing import BASE, current_rows
+from .routing import BASE, current_rows, rows_for_batch
 
 __all__ = ["TrainableTokens"]
 
@@ -122,10 +122,7 @@ class TrainableTokens(LoraLayer):
     def _routed_rows(self, rows: tuple[str, ...], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One adapter per row (``adapter_names``): each row through its adapter's table."""
         n = x.shape[0]
-        if len(rows) != n:
-            if n % len(rows):
-                raise LoraError(f"adapter_names has {len(rows)} entries but the batch has {n} rows.")
-            rows = tuple(r for r in rows for _ in range(n // len(rows)))
+        rows = rows_for_batch(rows, n)
         out = None
         for name in dict.fromkeys(rows):
             idx = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
