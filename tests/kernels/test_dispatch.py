@@ -19,7 +19,10 @@ EXPECTED = {
     "CPU float32, base weight trains": (BR, "shared-mask", "onednn", "fused", True, "chunked"),
     "CPU float64 training": (S, "shared-mask", "torch", "fused", True, "chunked"),
     "CPU checkpointing (saved-tensor hooks)": (BR, "shared-mask", "torch", "fused", False, "one-pass-onednn"),
-    "CPU bf16 base, float32 adapters": (R, "shared-mask", "torch", "fused", True, "chunked"),
+    "CPU bf16 training (adapters float32)": (S, "shared-mask", "onednn", "fused", True, "chunked"),
+    "CPU bf16 generation (no grad)": (G, "shared-mask", "torch", "fused", True, "chunked"),
+    "CPU float16 training": (BR, "shared-mask", "torch", "fused", True, "chunked"),
+    "CPU mixed dtypes (input, base, adapter)": (R, "shared-mask", "torch", "fused", True, "chunked"),
     "CPU autocast": (R, "shared-mask", "torch", "fused", True, "one-pass"),
     "CPU hooks on the layer": (R, "shared-mask", "onednn", "fused", True, "one-pass-onednn"),
     "CPU no oneDNN": (S, "shared-mask", "torch", "fused", True, "one-pass"),
@@ -31,6 +34,7 @@ EXPECTED = {
     "CPU kernels off, generation": (R, "torch", "torch", "model", False, "one-pass-onednn"),
     "CUDA float32 training": (R, "torch", "torch", "model", False, "chunked"),
     "CUDA autocast training": (R, "torch", "torch", "model", False, "chunked"),
+    "CUDA bf16 training": (R, "torch", "torch", "model", False, "chunked"),
     "CUDA generation (no grad)": (R, "torch", "torch", "model", False, "chunked"),
     "meta training": (R, "torch", "torch", "model", False, "chunked"),
     "meta generation (no grad)": (R, "torch", "torch", "model", False, "chunked"),
@@ -52,7 +56,7 @@ def test_the_table_lists_every_row_once_and_prints():
 def _all_facts():
     """Every combination of the boolean facts, on three devices and four dtypes."""
     flags = [f.name for f in fields(Facts) if isinstance(f.default, bool)]
-    for device, dtype in itertools.product(("cpu", "cuda", "meta"), ("float32", "float64", "bfloat16", "mixed")):
+    for device, dtype in itertools.product(("cpu", "cuda", "meta"), ("float32", "float64", "bfloat16", "float16", "mixed")):
         for values in itertools.product((False, True), repeat=len(flags)):
             yield Facts(device=device, dtype=dtype, **dict(zip(flags, values)))
 
@@ -80,17 +84,17 @@ def test_the_facts_linear_route_stops_at_settle_the_route():
             assert choose(f).dropout == dispatch._CPU_DROPOUT == "shared-mask", f
 
 
-def test_kernels_need_matching_dtypes_and_siblings_need_exact_floats_and_frozen_weights():
+def test_kernels_need_matching_dtypes_and_siblings_need_kernel_floats_and_frozen_weights():
     for f in _all_facts():
         c = choose(f)
         if c.linear != R:
             assert f.dtype != "mixed" and not (f.autocast or f.module_hooks or f.rows or f.compiling), f
         if c.linear in (S, L):
-            assert f.dtype in ("float32", "float64") and f.frozen_weight, f
+            assert f.dtype in ("float32", "float64", "bfloat16") and f.frozen_weight, f
         if c.linear == S:
             assert f.grad and not f.saved_tensor_hooks, f
         if c.frozen == "onednn":
-            assert f.onednn and f.grad and f.dtype == "float32" and not (f.checkpointing or f.autocast), f
+            assert f.onednn and f.grad and f.dtype in ("float32", "bfloat16") and not (f.checkpointing or f.autocast), f
 
 
 # -- the facts a call gathers ------------------------------------------------------------------
@@ -120,6 +124,7 @@ def test_linear_route_reads_the_call():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _route(layer, x) == R
     assert _route(layer, x.double()) == R  # input and weights disagree
+    assert _route(layer, x.bfloat16()) == R  # a bf16 input into a float32 base
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         assert _route(layer, x) == BR
     handle = layer.base_layer.register_forward_hook(lambda *a: None)
@@ -217,3 +222,17 @@ def test_under_torch_compile_a_lora_layer_traces_its_reference_path(monkeypatch)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x))
     assert seen[0] == R and seen[-1] == G  # traced: the reference; run eagerly: the generation kernel
+
+
+def test_a_bf16_base_with_float32_adapters_takes_the_kernels():
+    """train.precision bf16: base weights and activations bf16, adapters float32: the CPU kernels' dtype."""
+    layer = _layer()
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert _route(layer, x) == S
+    with torch.no_grad():
+        assert _route(layer, x) == G
+    assert dispatch.call_dtype(x, layer.base_layer.weight, layer.lora_A["default"].weight) is torch.bfloat16
+    # float16 activations over float32 adapters are not a kernel dtype: the reference
+    layer.base_layer.to(torch.float16)
+    assert _route(layer, x.half()) == R

@@ -17,7 +17,7 @@ from tiny import graph_nodes, ids, randomize_lora, tiny_llama
 def without_onednn(monkeypatch):
     """This torch as if it had no oneDNN linear (the private op taken away, the process's check undone)."""
     monkeypatch.setattr(fl, "_lp", None)
-    monkeypatch.setattr(fl, "_checked", None)
+    monkeypatch.setattr(fl, "_checked", {})
     monkeypatch.setattr(guards, "_said", set())
 
 

@@ -34,7 +34,7 @@ from . import guards, onednn
 from .switch import STATE
 
 __all__ = ["Choice", "Facts", "TABLE", "choose", "decide", "dropout_route", "head_route", "learning",
-           "linear_route", "loss_facts", "table"]
+           "linear_route", "loss_facts", "table", "call_dtype"]
 
 # routes of a LoRA linear
 REFERENCE = "reference"  # base(x) + scale * B(A(dropout(x))) in plain torch (lorakit.layers)
@@ -48,6 +48,11 @@ MODEL, FUSED = "model", "fused"
 CHUNKED, ONE_PASS, ONE_PASS_ONEDNN = "chunked", "one-pass", "one-pass-onednn"
 
 _EXACT = ("float32", "float64")
+# dtypes the CPU kernels compute in: the exact ones and bfloat16 (train.precision bf16: a bf16 base and bf16
+# activations; the adapters may stay float32 and are read in bf16 by the kernels, their gradients float32)
+_KERNEL = _EXACT + ("bfloat16",)
+# dtypes of the frozen products and the fused head through oneDNN / in one pass over the head
+_ONEDNN = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class Facts:
 
     kernels: bool = True  # lorakit.kernels.enabled (LORAKIT_KERNELS)
     device: str = "cpu"  # device type of the call's tensors
-    dtype: str = "float32"  # their common dtype; "mixed" when input, weight and adapter differ
+    dtype: str = "float32"  # input and base weight's common dtype (adapters: theirs or float32); else "mixed"
     grad: bool = True  # autograd records the call
     autocast: bool = False  # autocast is on for that device
     module_hooks: bool = False  # hooks or a replaced forward on the wrapped layer, or global module hooks
@@ -85,14 +90,14 @@ def choose(f: Facts) -> Choice:
     if not cpu or f.rows or f.autocast or f.module_hooks or f.dtype == "mixed":
         linear = REFERENCE
     elif not f.grad:
-        linear = LEARN if f.learning and f.dtype in _EXACT and f.frozen_weight else GENERATION
-    elif f.dtype in _EXACT and f.frozen_weight and not f.saved_tensor_hooks:
+        linear = LEARN if f.learning and f.dtype in _KERNEL and f.frozen_weight else GENERATION
+    elif f.dtype in _KERNEL and f.frozen_weight and not f.saved_tensor_hooks:
         linear = SIBLINGS
     else:
         linear = BRANCH
     loss = FUSED if cpu and not f.rows else MODEL
     # the body's frozen products inside the fused loss's training forward (not recomputed by checkpointing)
-    frozen = ONEDNN if (loss == FUSED and f.onednn and f.grad and f.dtype == "float32" and not f.autocast
+    frozen = ONEDNN if (loss == FUSED and f.onednn and f.grad and f.dtype in _ONEDNN and not f.autocast
                         and not f.checkpointing) else TORCH
     if f.device == "cpu" and f.dtype == "float32" and f.frozen_weight:
         head = ONE_PASS_ONEDNN if f.onednn and not f.autocast else ONE_PASS
@@ -137,6 +142,16 @@ def _dtype_name(dtype) -> str:
     return "mixed" if dtype is None else str(dtype).removeprefix("torch.")
 
 
+def call_dtype(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor) -> torch.dtype | None:
+    """The dtype a LoRA linear call computes in: the input's when the base weight has it and the adapter
+    has it too or is float32 over a bfloat16 base (train.precision bf16); None ("mixed") otherwise."""
+    if W.dtype is not x.dtype:
+        return None
+    if A.dtype is x.dtype or (x.dtype is torch.bfloat16 and A.dtype is torch.float32):
+        return x.dtype
+    return None
+
+
 # key of the gathered facts -> route; LoRA linears are called hundreds of times per forward, so the
 # facts are gathered as a tuple and a Facts is built only the first time a tuple is seen
 _LINEAR: dict = {}
@@ -153,7 +168,7 @@ def linear_route(x: torch.Tensor, base: torch.nn.Module, A: torch.Tensor, rows: 
         return REFERENCE
     grad = torch.is_grad_enabled()
     W, hooks = guards.layer_facts(base)
-    dtype = x.dtype if (W.dtype is x.dtype and A.dtype is x.dtype) else None
+    dtype = call_dtype(x, W, A)
     key = (grad, dtype, torch.is_autocast_enabled("cpu"), hooks, grad and guards.saved_tensor_hooks(),
            not grad and _learning.get() > 0, not W.requires_grad)
     route = _LINEAR.get(key)
@@ -180,17 +195,18 @@ def loss_facts(device: torch.device | str, dtype: torch.dtype | None = None, gra
     return Facts(kernels=STATE.on, device=kind, dtype=_dtype_name(dtype) if dtype is not None else "float32",
                  grad=grad, autocast=torch.is_autocast_enabled(kind) if kind in ("cpu", "cuda") else False,
                  checkpointing=checkpointing, rows=rows, compiling=torch.compiler.is_compiling(),
-                 onednn=cpu and onednn.available())
+                 onednn=cpu and onednn.available(dtype or torch.float32))
 
 
 def head_route(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, frozen: bool) -> str:
     """The fused head's form for ``hidden`` [rows, H] times ``weight`` [V, H] (+ ``bias``); ``frozen``: no
     gradient for the head. Not gated by the switch: the fused loss that calls it is."""
-    fp32 = hidden.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    same = hidden.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)
+    dtype = _dtype_name(weight.dtype if same else None)
     kind = hidden.device.type
     cpu = kind == "cpu"
-    facts = Facts(device=kind, dtype="float32" if fp32 else "mixed", frozen_weight=frozen,
-                  autocast=cpu and torch.is_autocast_enabled("cpu"), onednn=cpu and fp32 and onednn.available())
+    facts = Facts(device=kind, dtype=dtype, frozen_weight=frozen, autocast=cpu and torch.is_autocast_enabled("cpu"),
+                  onednn=cpu and dtype in _ONEDNN and onednn.available(weight.dtype))
     return decide(facts).head
 
 
@@ -202,7 +218,10 @@ TABLE: tuple[tuple[str, Facts], ...] = (
     ("CPU float32, base weight trains", Facts(frozen_weight=False)),
     ("CPU float64 training", Facts(dtype="float64")),
     ("CPU checkpointing (saved-tensor hooks)", Facts(saved_tensor_hooks=True, checkpointing=True)),
-    ("CPU bf16 base, float32 adapters", Facts(dtype="mixed")),
+    ("CPU bf16 training (adapters float32)", Facts(dtype="bfloat16")),
+    ("CPU bf16 generation (no grad)", Facts(dtype="bfloat16", grad=False)),
+    ("CPU float16 training", Facts(dtype="float16")),
+    ("CPU mixed dtypes (input, base, adapter)", Facts(dtype="mixed")),
     ("CPU autocast", Facts(autocast=True)),
     ("CPU hooks on the layer", Facts(module_hooks=True)),
     ("CPU no oneDNN", Facts(onednn=False)),
@@ -214,6 +233,7 @@ TABLE: tuple[tuple[str, Facts], ...] = (
     ("CPU kernels off, generation", Facts(kernels=False, grad=False)),
     ("CUDA float32 training", Facts(device="cuda")),
     ("CUDA autocast training", Facts(device="cuda", autocast=True)),
+    ("CUDA bf16 training", Facts(device="cuda", dtype="bfloat16")),
     ("CUDA generation (no grad)", Facts(device="cuda", grad=False)),
     ("meta training", Facts(device="meta")),
     ("meta generation (no grad)", Facts(device="meta", grad=False)),

@@ -25,19 +25,24 @@ from . import guards
 __all__ = ["available", "base_linear", "add_linear_t", "frozen_linears", "usable"]
 
 _lp = guards.onednn_linear()
-# whether this torch build's op works is a fact of the process: checked once, kept for it (None = not yet)
-_checked: bool | None = None
+# whether this torch build's op works is a fact of the process: checked once per dtype, kept for it
+_checked: dict[torch.dtype, bool] = {}
+#: dtypes the products here may take: float32 and bfloat16 (train.precision bf16; oneDNN runs it on AMX
+#: or AVX-512 BF16 where the CPU has them), each with its own check
+DTYPES = (torch.float32, torch.bfloat16)
+# agreement with F.linear asked of each dtype's check (relative to the products' scale)
+_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
-def available() -> bool:
-    """oneDNN's linear exists here and agrees with ``F.linear`` (checked once per process)."""
-    global _checked
-    if _checked is None:
-        _checked = _self_test()
-    return _checked
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's linear exists here and agrees with ``F.linear`` in ``dtype`` (checked once per process)."""
+    ok = _checked.get(dtype)
+    if ok is None:
+        ok = _checked[dtype] = dtype in DTYPES and _self_test(dtype)
+    return ok
 
 
-def _self_test() -> bool:
+def _self_test(dtype: torch.dtype = torch.float32) -> bool:
     if _lp is None:
         guards.note_fallback("onednn", "torch.ops.mkldnn._linear_pointwise is not in this torch build")
         return False
@@ -46,31 +51,34 @@ def _self_test() -> bool:
         return False
     try:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 37, 48, generator=g)
-        W = torch.randn(40, 48, generator=g)
-        b = torch.randn(40, generator=g)
+        x = torch.randn(2, 37, 48, generator=g).to(dtype)
+        W = torch.randn(40, 48, generator=g).to(dtype)
+        b = torch.randn(40, generator=g).to(dtype)
         y = _lp(x, W, b, "none", [], "")
-        gy = torch.randn(2, 37, 40, generator=g)
+        gy = torch.randn(2, 37, 40, generator=g).to(dtype)
         gx = _lp(gy, W.t(), None, "none", [], "")
         acc = _lp.binary(gy.reshape(-1, 40), gx.reshape(-1, 48), W.t(), None, "add")
     except (RuntimeError, TypeError, AttributeError, NotImplementedError) as exc:  # a private op that changed
         guards.note_fallback("onednn", f"oneDNN's linear failed its check: {type(exc).__name__}: {exc}")
         return False
     ref_y, ref_gx = F.linear(x.double(), W.double(), b.double()), gy.double() @ W.double()
-    if not (torch.allclose(y.double(), ref_y, rtol=1e-4, atol=1e-4)
-            and torch.allclose(gx.double(), ref_gx, rtol=1e-4, atol=1e-4)
-            and torch.allclose(acc.double(), 2 * ref_gx.reshape(-1, 48), rtol=1e-4, atol=1e-4)):
-        guards.note_fallback("onednn", "oneDNN's linear disagrees with F.linear here")
+    tol = _TOLERANCE[dtype] * 10  # products of 48 unit normals: entries of size ~7
+    if not (y.dtype == gx.dtype == acc.dtype == dtype
+            and torch.allclose(y.double(), ref_y, rtol=tol, atol=tol)
+            and torch.allclose(gx.double(), ref_gx, rtol=tol, atol=tol)
+            and torch.allclose(acc.double(), 2 * ref_gx.reshape(-1, 48), rtol=tol, atol=tol)):
+        guards.note_fallback("onednn", f"oneDNN's {dtype} linear disagrees with F.linear here")
         return False
     return True
 
 
 def usable(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> bool:
-    """Would ``x @ W.T + b`` run through oneDNN here (float32 CPU tensors, no autocast, oneDNN usable)?"""
-    return (x.dtype == torch.float32 and W.dtype == torch.float32 and x.device.type == "cpu"
+    """Would ``x @ W.T + b`` run through oneDNN here (float32 or bfloat16 CPU tensors of one dtype, no
+    autocast, oneDNN usable for that dtype)?"""
+    return (x.dtype in DTYPES and W.dtype is x.dtype and x.device.type == "cpu"
             and W.device.type == "cpu" and W.dim() == 2 and x.dim() >= 2 and x.numel() > 0
             and x.shape[-1] == W.shape[1] and not torch.is_autocast_enabled("cpu")
-            and (b is None or (b.dtype == torch.float32 and b.dim() == 1)) and available())
+            and (b is None or (b.dtype is x.dtype and b.dim() == 1)) and available(x.dtype))
 
 
 def base_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,7 +90,7 @@ def base_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None)
 
 def add_linear_t(acc: torch.Tensor, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``acc + g @ W`` for 2-D ``acc`` [N, in], ``g`` [N, out], ``W`` [out, in]; may reuse ``acc``."""
-    if usable(g, W.t(), None) and acc.dtype == torch.float32 and acc.is_contiguous():
+    if usable(g, W.t(), None) and acc.dtype is g.dtype and acc.is_contiguous():
         return _lp.binary(g.contiguous(), acc, W.t(), None, "add")
     return acc.addmm_(g, W)
 
@@ -106,7 +114,7 @@ def _frozen(t) -> bool:
 
 
 class _FrozenLinearMode(TorchFunctionMode):
-    """Sends ``F.linear`` calls with a frozen float32 CPU weight (and bias) to oneDNN; all else as is."""
+    """Sends ``F.linear`` calls with a frozen float32 or bfloat16 CPU weight (and bias) to oneDNN; all else as is."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -122,11 +130,11 @@ class _FrozenLinearMode(TorchFunctionMode):
 
 
 def frozen_linears(active: bool = True):
-    """A context in which the model's frozen float32 CPU linears run through oneDNN (see module doc).
+    """A context in which the model's frozen float32 / bfloat16 CPU linears run through oneDNN (see module doc).
 
     ``active``: what the dispatcher chose (``Choice.frozen == "onednn"``); a no-op context when False or
     when oneDNN is not usable here.
     """
-    if not (active and available()):
+    if not (active and (available(torch.float32) or available(torch.bfloat16))):
         return contextlib.nullcontext()
     return _FrozenLinearMode()
