@@ -31,6 +31,7 @@ RANKS = {
     "lorakit.hf.compat": 3,
     "lorakit.hf.signature": 2,
     "lorakit.models": 2,
+    "lorakit.precision": 2,
     "lorakit.recipes": 2,
     "lorakit.hf": 2,
     "lorakit.plan": 3,

@@ -35,6 +35,9 @@ _EXPORTS = {
     "replace_lora_weights_loftq": "loftq",
     "prepare_for_kbit_training": "hf.quant",
     "prepare_model_for_kbit_training": "hf.quant",
+    "PrecisionChoice": "precision",
+    "choose_precision": "precision",
+    "apply_precision": "precision",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
