@@ -38,6 +38,17 @@ def shared_data():
     return need_shared_data
 
 
+@pytest.fixture(autouse=True, scope="session")
+def own_precision_cache(tmp_path_factory):
+    """precision auto's measurements go to a folder of the test run's: a test run (busy cores) never leaves
+    a choice behind for the user's real runs, and every run measures afresh once."""
+    from lorakit import precision
+
+    precision.CACHE_DIR = tmp_path_factory.mktemp("precision-cache")
+    yield
+    precision.CACHE_DIR = None
+
+
 @pytest.fixture(autouse=True)
 def fixed_seed():
     """Every test starts from the same random state (torch, python)."""

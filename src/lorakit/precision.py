@@ -8,8 +8,8 @@ in float32. Saved adapters and merged models stay float32.
 on a CPU without bf16 instructions a bf16 product is ~3x slower than float32; with AVX-512 BF16 it is
 ~2x faster, with AMX ~5x. On the CPU it therefore measures, once per machine: a bf16 and a float32
 product at the model's linear shapes (forward and input-gradient layouts), a few milliseconds, the
-result cached per CPU model, flags, torch version and thread count in ``$LORAKIT_CACHE_DIR`` (default
-``~/.cache/lorakit``) ``/precision.json``. A CPU that lacks bf16 instructions gets float32 without
+result cached per CPU model, flags, torch version and thread count in ``precision.json`` of lorakit's
+cache (``$LORAKIT_CACHE``, default ``~/.cache/lorakit``). A CPU that lacks bf16 instructions gets float32 without
 measuring. On CUDA, bf16 where the GPU supports it. The choice is printed once (``announce``).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .constants import cache_root
 from .errors import ConfigError
 from .io import atomic_write_json
 from .kernels import onednn
@@ -170,11 +171,13 @@ def measure_products(shapes: list[tuple[int, int]]) -> dict[str, float]:
 
 # -- the cache -----------------------------------------------------------------------------------
 
+#: where the measurements are kept when no cache_dir is given (None: lorakit's cache root); the test suite
+#: points it at a folder of its own, so a run of the tests never leaves a choice behind for real runs
+CACHE_DIR: Path | None = None
+
+
 def cache_file(cache_dir: str | os.PathLike | None = None) -> Path:
-    if cache_dir is None:
-        cache_dir = os.environ.get("LORAKIT_CACHE_DIR") or Path(
-            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit"
-    return Path(cache_dir) / "precision.json"
+    return Path(cache_dir or CACHE_DIR or cache_root()) / "precision.json"
 
 
 def _cache_key(cpu: CpuFacts, shapes: list[tuple[int, int]]) -> str:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorakit.constants import cache_root
 from lorakit.errors import LoraError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ EMBEDDED_DIRNAME = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = ("embedded", "smollm2-135m", "SmolLM2-135M-Instruct")
 # Written last into a converted folder; its presence is what "complete" means.
 COMPLETE_MARKER = "lorakit_conversion.json"
-CACHE_ENV = "LORAKIT_CACHE"
-DEFAULT_CACHE = "~/.cache/lorakit"
 
 # task name -> transformers Auto class. Keys are lower-case; peft TaskType values
 # (CAUSAL_LM, SEQ_2_SEQ_LM, ...) normalise onto them.
@@ -55,8 +54,8 @@ _DTYPE_NAMES = {
 
 
 def cache_dir() -> Path:
-    """The lorakit cache root: ``$LORAKIT_CACHE`` or ``~/.cache/lorakit``."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+    """The lorakit cache root: ``$LORAKIT_CACHE`` or ``~/.cache/lorakit`` (``constants.cache_root``)."""
+    return cache_root()
 
 
 def embedded_cache_path() -> Path:
