@@ -29,16 +29,119 @@ def test_equals_linear_then_cross_entropy_with_gradients(chunk, bias, train_head
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
 
 
-def test_bfloat16_head_matches_the_upcast_reference():
-    hidden, weight, _, targets = _data(dtype=torch.bfloat16, v=64)
-    out = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)
-    ref = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+FORMS = ("chunked", "one-pass", "one-pass-onednn")
+
+
+def _forced(monkeypatch, form):
+    """linear_cross_entropy runs ``form`` whatever the dispatcher would choose."""
+    from lorakit.kernels import cross_entropy
+
+    monkeypatch.setattr(cross_entropy.dispatch, "head_route", lambda *a, **k: form)
+
+
+def _bf16_head(n, h=48, v=300, seed=0, bias=False, spread=None):
+    """bfloat16 hidden rows (requiring grad), a frozen bfloat16 head (``spread``: row scales of the head,
+    so the logits' range grows along the vocabulary), targets; and the same values in float64."""
+    hidden, weight, b, targets = _data(n=n, h=h, v=v, dtype=torch.float32, seed=seed, bias=bias)
+    weight = weight.detach()
+    if spread is not None:
+        weight = weight * torch.linspace(*spread, v).unsqueeze(1)
+    low = [t.detach().to(torch.bfloat16) if t is not None else None for t in (hidden, weight, b)]
+    low[0].requires_grad_()
+    return (*low, targets)
+
+
+def _upcast(hidden, weight, b, targets):
+    """The model's own loss for a bfloat16 head (bfloat16 logits, cross-entropy in float32: HF's
+    ``logits.float()``) and the exact loss of the same bfloat16 values (float64); each as (sum, gradient of
+    ``sum / rows`` w.r.t. ``hidden``: the mean, as a training step takes it) in float64, and ``rows``."""
+    rows = int((targets != -100).sum())
+
+    def loss_and_grad(x, logits_of):
+        x = x.detach().clone().requires_grad_()
+        loss = F.cross_entropy(logits_of(x), targets, reduction="sum", ignore_index=-100)
+        (g,) = torch.autograd.grad(loss / rows, x)
+        return loss.double(), g.double()
+
+    own = loss_and_grad(hidden, lambda x: F.linear(x, weight, b).float())
+    wide = [None if t is None else t.double() for t in (weight, b)]
+    exact = loss_and_grad(hidden.double(), lambda x: F.linear(x, *wide))
+    return own, exact, rows
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_bfloat16_head_each_form_matches_the_upcast_reference(monkeypatch, form, bias):
+    """A bfloat16 head (train.precision bf16): the loss is float32, as the model's own (bfloat16 logits,
+    float32 softmax) to float32 rounding of its sum; the gradient has hidden's dtype and is the exact one to
+    bfloat16 rounding. Several vocabulary blocks whose maxima grow, so the one-pass forms rescale."""
+    from lorakit.kernels import cross_entropy
+
+    _forced(monkeypatch, form)
+    monkeypatch.setattr(cross_entropy, "_VOCAB_BLOCK", 64)
+    hidden, weight, b, targets = _bf16_head(n=37, bias=bias, spread=(0.2, 3.0))
+    targets[[4, 11]] = -100
+    (own, g_own), (exact, g_exact), rows = _upcast(hidden, weight, b, targets)
+    out = linear_cross_entropy(hidden, weight, targets, bias=b, half_scale=1.0 / rows)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-3)
-    (gh,) = torch.autograd.grad(out, hidden)
-    (rh,) = torch.autograd.grad(ref, hidden)
-    assert gh.dtype == torch.bfloat16
-    torch.testing.assert_close(gh.float(), rh.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.double(), own, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(out.double(), exact, rtol=2e-3, atol=0)  # bfloat16 logits: ~1e-3 of a logit
+    (got,) = torch.autograd.grad(out / rows, hidden)
+    assert got.dtype == torch.bfloat16
+    scale = g_exact.abs().max().item()
+    assert scale > 0
+    # each entry within a few bfloat16 roundings (2**-8) of the gradient's scale, as the model's own
+    for want in (g_exact, g_own):
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * scale)
+    assert (got.double() - g_exact).abs().max() <= 2 * (g_own - g_exact).abs().max() + 2 ** -8 * scale
+
+
+@pytest.mark.parametrize("n", [5, 300])  # one block layout for few rows, the other for many (_WIDE_BLOCK_ROWS)
+def test_bfloat16_one_pass_forms_agree_with_chunked_and_run_for_a_frozen_head(monkeypatch, n):
+    from lorakit.kernels import cross_entropy
+
+    calls = []
+    for name in ("_one_pass", "_one_pass_onednn"):
+        real = getattr(cross_entropy, name)
+        monkeypatch.setattr(cross_entropy, name, lambda *a, real=real: calls.append(a[0].dtype) or real(*a))
+    hidden, weight, _, targets = _bf16_head(n=n, v=5000)
+    results = {}
+    for form in (None, *FORMS):  # None: the dispatcher's choice
+        if form is not None:
+            _forced(monkeypatch, form)
+        out = linear_cross_entropy(hidden, weight, targets)
+        results[form] = (out, torch.autograd.grad(out, hidden)[0])
+    assert calls[0] == torch.bfloat16  # the dispatcher sends a frozen bfloat16 head to one pass
+    for form, (out, grad) in results.items():
+        torch.testing.assert_close(out, results["chunked"][0], rtol=1e-5, atol=1e-3, msg=str(form))
+        assert grad.dtype == torch.bfloat16
+        ref = results["chunked"][1].float()
+        torch.testing.assert_close(grad.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item(), msg=str(form))
+    calls.clear()
+    monkeypatch.undo()
+    trainable = weight.detach().clone().requires_grad_()
+    out = linear_cross_entropy(hidden, trainable, targets)  # a head that trains: chunked
+    gh, gw = torch.autograd.grad(out, [hidden, trainable])
+    assert calls == [] and gw.dtype == torch.bfloat16 and gh.dtype == torch.bfloat16
+    torch.testing.assert_close(out, results["chunked"][0], rtol=0, atol=0)
+
+
+def test_bfloat16_one_pass_with_a_masked_vocabulary_block(monkeypatch):
+    from lorakit.kernels import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "_VOCAB_BLOCK", 10)
+    hidden, weight, b, targets = _bf16_head(n=6, h=8, v=50, bias=True)
+    b = b.clone()
+    b[:20] = float("-inf")
+    targets = targets % 30 + 20
+    (own, g_own), _, rows = _upcast(hidden, weight, b, targets)
+    for form in ("one-pass", "one-pass-onednn"):
+        _forced(monkeypatch, form)
+        out = linear_cross_entropy(hidden, weight, targets, bias=b)
+        assert torch.isfinite(out)
+        torch.testing.assert_close(out.double(), own, rtol=1e-5, atol=1e-3)
+        (got,) = torch.autograd.grad(out / rows, hidden)
+        torch.testing.assert_close(got.double(), g_own, rtol=2e-2, atol=2e-2 * g_own.abs().max().item())
 
 
 def test_leading_dims_and_no_grad():

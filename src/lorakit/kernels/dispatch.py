@@ -99,7 +99,8 @@ def choose(f: Facts) -> Choice:
     # the body's frozen products inside the fused loss's training forward (not recomputed by checkpointing)
     frozen = ONEDNN if (loss == FUSED and f.onednn and f.grad and f.dtype in _ONEDNN and not f.autocast
                         and not f.checkpointing) else TORCH
-    if f.device == "cpu" and f.dtype == "float32" and f.frozen_weight:
+    # a frozen float32 or bfloat16 head in one pass (bfloat16 products, the softmax summed in float32)
+    if f.device == "cpu" and f.dtype in _ONEDNN and f.frozen_weight:
         head = ONE_PASS_ONEDNN if f.onednn and not f.autocast else ONE_PASS
     else:
         head = CHUNKED

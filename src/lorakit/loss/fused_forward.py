@@ -82,8 +82,8 @@ def fused_loss_forward(model, kwargs: dict):
     denom = kwargs.get("num_items_in_batch")
     if denom is None:
         denom = labelled
-    # half-precision heads round their gradient after the 1/N, as HF does (float32 ones need no scale, and
-    # no host sync for it)
+    # half-precision heads on the chunked form round their gradient after the 1/N, as HF does (the one-pass
+    # form keeps it float32 until backward has scaled it; float32 heads need no scale, and no host sync for it)
     weight = getattr(linear_of(head), "weight", None)
     half = weight is not None and weight.dtype in (torch.float16, torch.bfloat16)
     scale = 1.0 / max(float(denom), 1.0) if half else 1.0
