@@ -153,14 +153,19 @@ def matmul_peak_flops(threads: int, size: int = 2048, reps: int = 10) -> float:
 
 def alternate_steps(runs: list[dict], batches: list[torch.Tensor], warmup: int, seed: int) -> None:
     """One training step of every run per batch, in turn (the same seed for each), timing wall and process
-    CPU time after ``warmup`` batches. A run: {"model", "opt" (None: nothing to train), "times", "cpu", "losses"}."""
+    CPU time after ``warmup`` batches. A run: {"model", "opt" (None: nothing to train), "times", "cpu", "losses"},
+    optionally "autocast": a dtype the forward runs under (``torch.autocast("cpu", dtype=...)``)."""
+    import contextlib
     import time
 
     for i, ids in enumerate(batches):
         for run in runs:
             torch.manual_seed(seed + i)
+            cast = run.get("autocast")
+            ctx = torch.autocast("cpu", dtype=cast) if cast is not None else contextlib.nullcontext()
             t, c = time.perf_counter(), time.process_time()
-            loss = run["model"](input_ids=ids, labels=ids).loss
+            with ctx:
+                loss = run["model"](input_ids=ids, labels=ids).loss
             loss.backward()
             if run["opt"] is not None:
                 run["opt"].step()

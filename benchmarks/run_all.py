@@ -34,6 +34,8 @@ ROWS = [
      ["--targets", "all-linear", "--dropout", "0.1", "--steps", "6"], ["--steps", "1"]),
     ("8 LoRA+ vs plain LoRA on job b's data: loss after the same steps", "bench_loraplus.py", ["--ratios", "1,16"],
      ["--epochs", "1"]),
+    ("9 precision (issue 16): lorakit auto vs fp32 vs peft's bf16 options; loss, peak RSS, job b accuracy",
+     "bench_precision.py", [], ["--steps", "1", "--loss-steps", "5", "--job-b-epochs", "1"]),
 ]
 
 
