@@ -114,6 +114,7 @@ def test_shapes_from_a_module_and_from_a_config():
     model = tiny_llama()
     shapes = shapes_of(model)
     assert (32, 64) in shapes and (64, 32) in shapes and len(shapes) <= 4
+    assert all(100 not in shape for shape in shapes)  # not the LM head (vocabulary 100)
     assert shapes_of(model.config)[:2] == [(32, 64), (64, 32)]
     assert shapes_of({"n_embd": 16}) == [(16, 64), (64, 16), (16, 16)]
     assert shapes_of({"text_config": {"hidden_size": 8, "intermediate_size": 24}})[0] == (8, 24)

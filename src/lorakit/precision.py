@@ -103,22 +103,27 @@ def cpu_facts(cpuinfo: str | None = None) -> CpuFacts:
 # -- the model's shapes --------------------------------------------------------------------------
 
 def shapes_of(model_or_config: Any) -> list[tuple[int, int]]:
-    """(in_features, out_features) of the model's linears, most work first (at most 4 distinct); from an
-    nn.Module (its nn.Linear / Conv1D layers) or a transformers config (hidden / intermediate sizes)."""
-    if isinstance(model_or_config, nn.Module):
-        work: dict[tuple[int, int], int] = {}
-        for module in model_or_config.modules():
-            w = getattr(module, "weight", None)
-            if isinstance(module, nn.Linear):
-                shape = (module.in_features, module.out_features)
-            elif type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:
-                shape = (w.shape[0], w.shape[1])
-            else:
-                continue
-            work[shape] = work.get(shape, 0) + shape[0] * shape[1]
-        ranked = sorted(work, key=work.get, reverse=True)
-        return ranked[:4] or list(_GENERIC_SHAPES)
-    return _config_shapes(model_or_config)
+    """(in_features, out_features) of the model's block linears, most work first (at most 4 distinct); from
+    an nn.Module (its nn.Linear / Conv1D layers) or a transformers config (hidden / intermediate sizes).
+    The LM head (a vocabulary-wide product) is left out: the fused loss runs it on the answer tokens only,
+    and at the few tokens a quick measurement can afford its timing says little."""
+    if not isinstance(model_or_config, nn.Module):
+        return _config_shapes(model_or_config)
+    vocab = getattr(getattr(model_or_config, "config", None), "vocab_size", None)
+    work: dict[tuple[int, int], int] = {}
+    for module in model_or_config.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear):
+            shape = (module.in_features, module.out_features)
+        elif type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:
+            shape = (w.shape[0], w.shape[1])
+        else:
+            continue
+        if vocab in shape:
+            continue
+        work[shape] = work.get(shape, 0) + shape[0] * shape[1]
+    ranked = sorted(work, key=work.get, reverse=True)
+    return ranked[:4] or list(_GENERIC_SHAPES)
 
 
 def _config_shapes(config: Any) -> list[tuple[int, int]]:
@@ -138,10 +143,10 @@ def _config_shapes(config: Any) -> list[tuple[int, int]]:
 
 def _tokens(shapes: Iterable[tuple[int, int]]) -> int:
     widest = max(i * o for i, o in shapes)
-    return int(max(16, min(512, _FLOPS_PER_PRODUCT / (2 * widest))))
+    return int(max(64, min(512, _FLOPS_PER_PRODUCT / (2 * widest))))
 
 
-def _best(run: Callable[[], Any], reps: int = 3) -> float:
+def _best(run: Callable[[], Any], reps: int = 5) -> float:
     run()
     best = float("inf")
     for _ in range(reps):
