@@ -8,7 +8,7 @@ in float32. Saved adapters and merged models stay float32.
 on a CPU without bf16 instructions a bf16 product is ~3x slower than float32; with AVX-512 BF16 it is
 ~2x faster, with AMX ~5x. On the CPU it therefore measures, once per machine: a bf16 and a float32
 product at the model's linear shapes (forward and input-gradient layouts), a few milliseconds, the
-result cached per CPU model, flags, torch version and thread count in ``precision.json`` of lorakit's
+result cached per CPU model, flags and torch version in ``precision.json`` of lorakit's
 cache (``$LORAKIT_CACHE``, default ``~/.cache/lorakit``). A CPU that lacks bf16 instructions gets float32 without
 measuring. On CUDA, bf16 where the GPU supports it. The choice is printed once (``announce``).
 """
@@ -44,7 +44,7 @@ MIN_SPEEDUP = 1.15
 #: CPU flags (x86 /proc/cpuinfo "flags", aarch64 "Features") of instructions that compute in bf16
 BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 #: tokens per measured product: a few milliseconds however wide the model (see _tokens)
-_FLOPS_PER_PRODUCT = 2e8
+_FLOPS_PER_PRODUCT = 5e8
 _GENERIC_SHAPES = [(1024, 1024), (1024, 4096), (4096, 1024)]
 
 
@@ -143,35 +143,42 @@ def _config_shapes(config: Any) -> list[tuple[int, int]]:
 
 def _tokens(shapes: Iterable[tuple[int, int]]) -> int:
     widest = max(i * o for i, o in shapes)
-    return int(max(64, min(512, _FLOPS_PER_PRODUCT / (2 * widest))))
+    return int(max(128, min(512, _FLOPS_PER_PRODUCT / (2 * widest))))
 
 
-def _best(run: Callable[[], Any], reps: int = 5) -> float:
-    run()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def measure_products(shapes: list[tuple[int, int]]) -> dict[str, float]:
+def measure_products(shapes: list[tuple[int, int]], rounds: int = 7) -> dict[str, float]:
     """Seconds for one pass of the products a training step runs per linear (``x @ W.T`` and the input
     gradient ``g @ W``) at ``shapes``, in float32 and in bfloat16, through the path training takes
-    (oneDNN where it is usable, else torch)."""
+    (oneDNN where it is usable, else torch). The two dtypes are timed in alternation, ``rounds`` times,
+    and each keeps its fastest round: a burst of other work on the machine slows one round of both, not
+    one dtype."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ratio per core; a round on one thread is rarely hit by other work
+    try:
+        return _timed(shapes, rounds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timed(shapes: list[tuple[int, int]], rounds: int) -> dict[str, float]:
     n = _tokens(shapes)
     g = torch.Generator().manual_seed(0)
-    out = {}
-    for name, dtype in _DTYPES.items():
-        total = 0.0
-        for fan_in, fan_out in shapes:
-            x = torch.randn(n, fan_in, generator=g).to(dtype)
-            W = torch.randn(fan_out, fan_in, generator=g).to(dtype)
-            grad = torch.randn(n, fan_out, generator=g).to(dtype)
-            total += _best(lambda: onednn.base_linear(x, W)) + _best(lambda: onednn.base_linear(grad, W.t()))
-        out[name] = total
-    return out
+    runs: dict[str, list] = {name: [] for name in _DTYPES}
+    for fan_in, fan_out in shapes:
+        x, W, grad = (torch.randn(n, fan_in, generator=g), torch.randn(fan_out, fan_in, generator=g),
+                      torch.randn(n, fan_out, generator=g))
+        for name, dtype in _DTYPES.items():
+            xd, Wd, gd = x.to(dtype), W.to(dtype), grad.to(dtype)
+            runs[name].append(lambda xd=xd, Wd=Wd, gd=gd: (onednn.base_linear(xd, Wd), onednn.base_linear(gd, Wd.t())))
+    best = {name: [float("inf")] * len(shapes) for name in _DTYPES}
+    for round_ in range(rounds + 1):  # round 0 warms up (oneDNN builds its kernels on first use)
+        for name in _DTYPES:
+            for k, run in enumerate(runs[name]):
+                t = time.perf_counter()
+                run()
+                if round_:
+                    best[name][k] = min(best[name][k], time.perf_counter() - t)
+    return {name: sum(times) for name, times in best.items()}
 
 
 # -- the cache -----------------------------------------------------------------------------------
@@ -187,7 +194,7 @@ def cache_file(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def _cache_key(cpu: CpuFacts, shapes: list[tuple[int, int]]) -> str:
     return (f"{cpu.model} | {' '.join(cpu.bf16_instructions) or 'no-bf16'} | torch {torch.__version__} | "
-            f"threads {torch.get_num_threads()} | {' '.join(f'{i}x{o}' for i, o in shapes)}")
+            f"{' '.join(f'{i}x{o}' for i, o in shapes)}")
 
 
 def _read_cache(path: Path) -> dict:
