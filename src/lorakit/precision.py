@@ -7,7 +7,7 @@ in float32. Saved adapters and merged models stay float32.
 ``auto`` picks the faster of the two for the machine at hand, because neither is fastest everywhere:
 on a CPU without bf16 instructions a bf16 product is ~3x slower than float32; with AVX-512 BF16 it is
 ~2x faster, with AMX ~5x. On the CPU it therefore measures, once per machine: a bf16 and a float32
-product at the model's linear shapes (forward and input-gradient layouts), a few milliseconds, the
+product at the model's linear shapes (forward and input-gradient layouts; a quarter of a second), the
 result cached per CPU model, flags and torch version in ``precision.json`` of lorakit's
 cache (``$LORAKIT_CACHE``, default ``~/.cache/lorakit``). A CPU that lacks bf16 instructions gets float32 without
 measuring. On CUDA, bf16 where the GPU supports it. The choice is printed once (``announce``).
