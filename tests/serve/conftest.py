@@ -175,12 +175,13 @@ def wait_for(condition, timeout: float = 20, what: str = "the condition"):
 
 @pytest.fixture
 def reference(serve_dirs, capsys):
-    """What `lorakit generate` prints for a prompt (greedy unless told), run in this process."""
+    """What `lorakit generate` prints for a prompt (greedy unless told), run in this process, in float32 as the
+    servers of these tests load the model (``loader``), whatever precision auto would choose here."""
     from lorakit.cli.main import main
 
     def generate(prompt: str, adapter: str | None = None, chat: bool = False, max_tokens: int = 16, *extra):
         argv = ["generate", "--model", str(serve_dirs["model"]), "--prompt", prompt,
-                "--max-new-tokens", str(max_tokens), *extra]
+                "--max-new-tokens", str(max_tokens), "--precision", "fp32", *extra]
         if adapter:
             argv += ["--adapter", str(serve_dirs[adapter])]
         if chat:

@@ -93,3 +93,59 @@ def test_adamw_settings_are_checked_with_the_recipe(override, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_from_dict({}, [override])
+
+
+# ---------------------------------------------------------------------------------------------- precision
+
+
+def test_precision_defaults_to_auto_and_model_dtype_follows_it():
+    cfg = TrainConfig()
+    assert cfg.train.precision == "auto" and cfg.model.dtype == "auto"
+    for precision in ("auto", "fp32", "bf16"):
+        assert config_from_dict({}, [f"train.precision={precision}"]).train.precision == precision
+    _, help = field_help("train.precision")
+    assert "bfloat16" in help and "float32" in help and "precision.json" in help
+
+
+def test_a_bad_precision_names_the_key_and_the_allowed_values():
+    with pytest.raises(ConfigError, match=r"train\.precision expects one of 'auto', 'fp32', 'bf16', got 'fp8'"):
+        config_from_dict({}, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"model\.dtype expects one of 'auto', 'float32', 'bfloat16', 'float16'"):
+        config_from_dict({"model": {"dtype": "int8"}})
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", "bfloat16"), ("fp32", "float16"), ("bf16", "float32"),
+                                              ("bf16", "float16")])
+def test_an_explicit_dtype_that_contradicts_an_explicit_precision_is_refused(precision, dtype):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({}, [f"train.precision={precision}", f"model.dtype={dtype}"])
+    msg = str(e.value)
+    assert f"model.dtype = '{dtype}' contradicts train.precision = '{precision}'" in msg
+    assert "Fix: drop model.dtype" in msg and "train.precision=auto" in msg
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", "float32"), ("bf16", "bfloat16"), ("auto", "float16"),
+                                              ("auto", "bfloat16"), ("auto", "float32")])
+def test_agreeing_or_auto_precision_takes_the_dtype(precision, dtype):
+    cfg = config_from_dict({}, [f"train.precision={precision}", f"model.dtype={dtype}"])
+    assert (cfg.train.precision, cfg.model.dtype) == (precision, dtype)
+
+
+@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
+def test_autocast_over_bf16_weights_is_refused_with_the_fix(autocast):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({}, ["train.precision=bf16", f"train.mixed_precision={autocast}"])
+    msg = str(e.value)
+    assert f"train.mixed_precision = '{autocast}'" in msg and "train.precision = 'bf16'" in msg
+    assert "--set train.mixed_precision=no" in msg and "--set train.precision=fp32" in msg
+    # autocast over float32 weights stays possible, explicitly or under auto (which then keeps float32)
+    assert config_from_dict({}, ["train.precision=fp32", f"train.mixed_precision={autocast}"])
+    assert config_from_dict({}, [f"train.mixed_precision={autocast}"]).train.precision == "auto"
+
+
+def test_the_dumped_recipe_says_the_precision_used_and_loads_unchanged(tmp_path):
+    cfg = config_from_dict({}, ["lora.r=4"])
+    dump_recipe(cfg, tmp_path / "r.yaml", comment="precision: bf16 (auto: measured)")
+    text = (tmp_path / "r.yaml").read_text()
+    assert text.startswith("# precision: bf16 (auto: measured)\n")
+    assert load_recipe(tmp_path / "r.yaml") == cfg

@@ -9,15 +9,25 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-def add_model_args(p: argparse.ArgumentParser, model_required: bool = False, adapter: bool = True) -> None:
+def add_model_args(p: argparse.ArgumentParser, model_required: bool = False, adapter: bool = True,
+                   precision: bool = True) -> None:
+    """--model, --adapter, --dtype, --device, --trust-remote-code and (``precision``) --precision."""
     p.add_argument("--model", required=model_required,
                    help="base model: local folder, hub id, or `embedded`. With --adapter it defaults to the "
                         "adapter's base_model_name_or_path.")
     if adapter:
         p.add_argument("--adapter", help="a PEFT-format adapter folder (adapter_config.json + "
                                          "adapter_model.safetensors) to apply on top of the model.")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (default auto: float32 on CPU, bfloat16 on a GPU that supports it).")
+    if not precision:
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights dtype (default auto: float32 on CPU, bfloat16 on a GPU that supports it).")
+    else:
+        p.add_argument("--precision", default=None, metavar="auto|fp32|bf16",
+                       help="arithmetic, as train.precision: bf16 = weights and activations in bfloat16 (adapters "
+                            "float32), fp32 = float32; auto (default) = the choice training makes (on a CPU measured "
+                            "once per machine, on a GPU bf16 where supported).")
+        p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights dtype, overriding --precision (default: follow --precision).")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu).")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own code from the hub (only for models you trust).")
@@ -137,7 +147,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     name = check_model_inputs(args)
     adapter = getattr(args, "adapter", None)
     device = pick_device(args.device)
-    model, tokenizer = load_model_checked(name, dtype=args.dtype, device=device,
+    model, tokenizer = load_model_checked(name, dtype=load_dtype(args, name, device), device=device,
                                           trust_remote_code=args.trust_remote_code)
     if adapter:
         from lorakit import LoraModel
@@ -152,13 +162,33 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def load_dtype(args: argparse.Namespace, name: str, device: str) -> Any:
+    """The dtype to load ``name`` in: --dtype when given, else --precision's choice (announced on stderr, once).
+    Commands without --precision (merge) load in --dtype."""
+    if not hasattr(args, "precision"):
+        return args.dtype
+    import sys
+
+    from lorakit.models.precision import check_precision_option, precision_for
+    from lorakit.precision import announce
+
+    choice = precision_for(name, check_precision_option(args.precision or "auto"), device, dtype=args.dtype,
+                           trust_remote_code=args.trust_remote_code, dtype_source="--dtype")
+    announce(choice, lambda line: print(line, file=sys.stderr))
+    return choice.dtype
+
+
 def check_model_inputs(args: argparse.Namespace) -> str:
-    """Everything `load_model` needs, checked without loading anything: the device, the adapter folder
-    (config readable, weights present), and the model name. Returns the model name."""
+    """Everything `load_model` needs, checked without loading anything: the device, --precision, the adapter
+    folder (config readable, weights present), and the model name. Returns the model name."""
     from lorakit.errors import AdapterLoadError, ConfigError
 
     if getattr(args, "device", None):
         check_device(args.device)
+    if getattr(args, "precision", None) is not None:
+        from lorakit.models.precision import check_precision_option
+
+        args.precision = check_precision_option(args.precision)
     adapter = getattr(args, "adapter", None)
     if adapter:
         cfg = read_adapter_config(adapter)

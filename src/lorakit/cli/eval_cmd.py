@@ -169,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
             args.adapter = str(default)
     if not args.model and not args.adapter:
         args.model = cfg.model.name
+    if args.precision is None:  # the recipe's (or the default's) precision, unless the command line says
+        args.precision = cfg.train.precision
+        if args.dtype is None and cfg.model.dtype != "auto":
+            args.dtype = cfg.model.dtype
 
     from lorakit.cli.common import check_model_inputs, load_model
     from lorakit.data import Collator, tokenize_records

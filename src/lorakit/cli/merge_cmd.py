@@ -18,7 +18,7 @@ example:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, precision=False)  # the merged model is written in --dtype (float32 on a CPU)
     p.add_argument("--out", required=True, help="new or empty folder to write the merged model + tokenizer to.")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out when it already holds files (only once the merge has succeeded).")

@@ -94,6 +94,10 @@ def settings_from_args(args: argparse.Namespace):
     check_model_source(args.model)
     if args.device:
         check_device(args.device)
+    if args.precision is not None:
+        from lorakit.models.precision import check_precision_option
+
+        args.precision = check_precision_option(args.precision)
     name = args.served_model_name or args.model
     if name in dict(adapters):
         raise ConfigError(f"the base model is served as {name!r}, which is also an adapter's name; rename the "
@@ -125,9 +129,10 @@ def run(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
 
     def load():
-        from lorakit.cli.common import load_model_checked, pick_device
+        from lorakit.cli.common import load_dtype, load_model_checked, pick_device
 
-        return load_model_checked(args.model, dtype=args.dtype, device=pick_device(args.device),
+        device = pick_device(args.device)
+        return load_model_checked(args.model, dtype=load_dtype(args, args.model, device), device=device,
                                   trust_remote_code=args.trust_remote_code)
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")

@@ -15,6 +15,7 @@ examples:
   lorakit train job_b_raft --set model=embedded \\
       --set data.train=../shared/data/raft/twitter_complaints/train.csv --set train.max_steps=20
   lorakit train my.yaml --set lora.r=16 --set train.lr=1e-4
+  lorakit train my.yaml --precision fp32    # float32 throughout (default auto: bf16 where it is faster)
   lorakit train my.yaml --resume            # continue from the newest checkpoint in output.dir
   lorakit train --list-keys                 # every recipe key with its type and meaning"""
 
@@ -30,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from a checkpoint folder, or (no value / `latest`) the newest one under "
                         "output.dir/checkpoints. Use the same recipe and overrides as the first run.")
     p.add_argument("--output-dir", help="overrides output.dir.")
+    p.add_argument("--precision", metavar="auto|fp32|bf16",
+                   help="overrides train.precision: bf16 = base weights and activations in bfloat16 (LoRA weights, "
+                        "gradients and optimizer state float32); fp32; auto = measured once per machine.")
     p.add_argument("--list-keys", action="store_true", help="print every recipe key, its type and help; exit.")
 
 
@@ -54,9 +58,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no recipe given: `lorakit train RECIPE.yaml` (or a shipped name: demo, job_b_raft, "
                           "job_a_alpaca_zh)")
     from lorakit.cli.common import check_model_source, check_output_dir, load_recipe_checked
+    from lorakit.models.precision import check_precision_option
 
-    overrides = list(args.overrides) + ([f"output.dir={args.output_dir}"] if args.output_dir else [])
-    cfg = load_recipe_checked(args.recipe, overrides, "--set" if not args.output_dir else "--set/--output-dir")
+    options = ([f"output.dir={args.output_dir}"] if args.output_dir else []) + \
+        ([f"train.precision={check_precision_option(args.precision)}"] if args.precision is not None else [])
+    source = "--set" + "".join(f"/{o}" for o, v in (("--output-dir", args.output_dir), ("--precision", args.precision))
+                               if v is not None)
+    cfg = load_recipe_checked(args.recipe, list(args.overrides) + options, source)
     # before the model load: where the outputs go, and what the model name points at
     check_output_dir(cfg.output.dir, "--output-dir" if args.output_dir else "output.dir")
     check_model_source(cfg.model.name, "model.name")

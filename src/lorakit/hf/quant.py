@@ -31,8 +31,9 @@ def bnb_4bit_config(compute_dtype: str | torch.dtype = "float32", quant_type: st
                     double_quant: bool = True) -> Any:
     """transformers' BitsAndBytesConfig for QLoRA (NF4 weights, double quantisation of the scales).
 
-    compute_dtype: the dtype of the dequantised matmuls; bfloat16 on GPUs, float32 on CPUs
-    (bf16 is about 3x slower than fp32 on CPUs without AMX).
+    compute_dtype: the dtype of the dequantised matmuls. A recipe's QLoRA run passes its precision's
+    (train.precision: bfloat16 where bf16 is the faster arithmetic, e.g. GPUs and CPUs with AMX or
+    AVX-512 BF16; float32 elsewhere, where bf16 is about 3x slower).
     """
     _require_bnb()
     from transformers import BitsAndBytesConfig

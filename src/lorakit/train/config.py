@@ -32,11 +32,14 @@ class ModelSection:
 
     name: str = _f("embedded", "Model name or path: a local folder, a hub id, or `embedded` (the bundled "
                    "SmolLM2-135M-Instruct).")
-    dtype: Literal["float32", "bfloat16", "float16"] = _f(
-        "float32", "Weights dtype. float32 is the safe choice on CPU; bfloat16 halves memory on GPUs.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "Base weights dtype. auto: follow train.precision (float32 for fp32, bfloat16 for bf16). An "
+        "explicit dtype with train.precision auto is used as given (float16 included); one that contradicts an "
+        "explicit train.precision is refused.")
     trust_remote_code: bool = _f(False, "Allow the model's own Python code from the hub (only for models you trust).")
-    load_in_4bit: bool = _f(False, "QLoRA: keep the base weights in 4-bit NF4 (bitsandbytes), compute in `dtype`, "
-                            "with activation checkpointing; the adapter trains in float32.")
+    load_in_4bit: bool = _f(False, "QLoRA: keep the base weights in 4-bit NF4 (bitsandbytes), compute in the run's "
+                            "precision (train.precision / model.dtype), with activation checkpointing; the adapter "
+                            "trains in float32.")
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,17 @@ class TrainSection:
     warmup_ratio: float = _f(0.0, "Warm-up as a fraction of the total steps.")
     max_grad_norm: Optional[float] = _f(1.0, "Clip the gradient norm to this value (None = no clipping).")
     seed: int = _f(42, "Seed for the LoRA init, dropout and the data order.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "Autocast precision (accelerate). Keep `no` on CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = _f(
+        "auto", "Arithmetic of the run. bf16: the frozen base weights and the activations in bfloat16 (half the "
+        "memory), the LoRA weights, their gradients and the optimizer state in float32, the loss accumulated in "
+        "float32; saved adapters and merged models stay float32. fp32: everything float32. auto: on a CPU, measured "
+        "once per machine (bf16 and float32 products at the model's shapes, cached in ~/.cache/lorakit/"
+        "precision.json) and the faster taken (fp32 without measuring on a CPU without bf16 instructions); on a "
+        "GPU, bf16 where it is supported.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f(
+        "no", "Autocast (accelerate) over float32 weights: the products run in bf16/fp16, the weights stay float32. "
+        "Keep `no` on CPU. Not with train.precision bf16 (the weights are bf16 already); with train.precision auto "
+        "it keeps the weights float32.")
     cpu: bool = _f(False, "Train on the CPU even when a GPU is available.")
     fast_loss: bool = _f(True, "Apply the LM head only at answer positions (same loss, less compute); falls "
                          "back to the model's own loss when the architecture does not allow it.")
@@ -184,6 +197,25 @@ class TrainConfig:
             if not ok:
                 value = get_value(self, key)
                 raise ConfigError(f"{key} = {value!r} {what}; fix it in the recipe or with --set {key}=...")
+        self._check_precision()
+
+    def _check_precision(self) -> None:
+        """train.precision against model.dtype and train.mixed_precision: contradictions are refused, naming
+        both keys and the fix (an explicit model.dtype under precision auto is used as given)."""
+        precision, dtype, autocast = self.train.precision, self.model.dtype, self.train.mixed_precision
+        if precision != "auto" and dtype != "auto" and dtype != _PRECISION_DTYPES[precision]:
+            raise ConfigError(
+                f"model.dtype = {dtype!r} contradicts train.precision = {precision!r} (which loads the base in "
+                f"{_PRECISION_DTYPES[precision]}). Fix: drop model.dtype (its default, auto, follows "
+                f"train.precision), or --set train.precision=auto to load the base in {dtype} as given"
+                + (f", or --set train.precision={_DTYPE_PRECISIONS[dtype]}" if dtype in _DTYPE_PRECISIONS else "")
+                + ".")
+        if precision == "bf16" and autocast != "no":
+            raise ConfigError(
+                f"train.mixed_precision = {autocast!r} autocasts float32 weights, but train.precision = 'bf16' stores "
+                f"them in bfloat16 already: autocast over them would only add casts. Fix: --set "
+                f"train.mixed_precision=no (bf16 weights and activations), or --set train.precision=fp32 to keep "
+                f"autocast over float32 weights.")
 
     @property
     def is_classification(self) -> bool:
@@ -196,6 +228,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return to_plain(self)
 
+
+#: the base dtype each explicit train.precision loads, and back
+_PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+_DTYPE_PRECISIONS = {v: k for k, v in _PRECISION_DTYPES.items()}
 
 SECTIONS = ("model", "data", "lora", "train", "eval", "output")
 # A scalar given for a whole section means this field (``model: embedded`` == ``model.name: embedded``).

@@ -12,13 +12,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from lorakit.eval.loss import heldout_loss
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import format_eval, plot_loss
+from lorakit.train.run_precision import float32_saved
 from lorakit.train.setup import Run, RunState, setup_run
 from lorakit.train.state import checkpoint_dir, list_checkpoints, save_checkpoint
 from lorakit.train.step import StepResult, optimizer_step
@@ -36,6 +37,7 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0            # time in the training steps (incl. periodic evals), not the final eval
     fast_loss: bool = True
+    precision: Any = None           # the PrecisionChoice the run trained in (name, dtype, setting, reason)
 
 
 def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Callable[[list[dict]], dict],
@@ -44,16 +46,21 @@ def train_loop(model: torch.nn.Module, train_examples: list[dict], collate: Call
                extra_eval: Optional[Callable[[torch.nn.Module], dict]] = None,
                resume: str | Path | None = None,
                print_fn: Callable[[str], None] = print,
-               overwrite: bool = False) -> TrainResult:
+               overwrite: bool = False, precision: Any = None) -> TrainResult:
     """Train ``model`` in place; write checkpoints, metrics, the adapter and the loss plot to output_dir.
 
     A fresh run (no ``resume``) refuses an output_dir that holds another run's outputs, unless
     ``overwrite`` (which removes them first): mixing two runs' checkpoints, adapter and metrics in one
     folder would make the old ones look like the new run's.
+
+    ``precision``: the PrecisionChoice the model was loaded in (``train()`` passes it). Without it, an explicit
+    train.precision (fp32 / bf16) puts the model in that precision first (``precision.apply_precision``);
+    under auto the caller's model is trained in the dtype it has.
     """
     out = Path(output_dir or cfg.output.dir)
     run, state = setup_run(model, train_examples, collate, cfg, out, resume=resume, overwrite=overwrite,
-                           eval_examples=eval_examples, extra_eval=extra_eval, print_fn=print_fn)
+                           eval_examples=eval_examples, extra_eval=extra_eval, print_fn=print_fn,
+                           precision=precision)
     state.started = time.time()
     try:
         while state.step < run.total:
@@ -146,7 +153,8 @@ def write_outputs(run: Run, state: RunState, seconds: float) -> TrainResult:
     if hasattr(run.model, "lora_state_dict") and hasattr(run.model, "save_pretrained"):
         adapter_dir = out / "adapter"
         if run.main:
-            run.model.save_pretrained(adapter_dir)
+            with float32_saved(run.model):
+                run.model.save_pretrained(adapter_dir)
     plot = None
     if run.cfg.output.plot:
         plot = plot_loss(run.log.path, out / "loss.png", title=run.cfg.description) if run.main else out / "loss.png"
@@ -154,4 +162,4 @@ def write_outputs(run: Run, state: RunState, seconds: float) -> TrainResult:
     return TrainResult(output_dir=out, steps=state.step, final_loss=state.last_loss, eval=state.last_eval,
                        checkpoint=state.last_good or (list_checkpoints(out) or [None])[-1], adapter_dir=adapter_dir,
                        loss_plot=plot, tokens=state.tokens_before + state.tokens, seconds=seconds,
-                       fast_loss=run.loss_fn.is_fast)
+                       fast_loss=run.loss_fn.is_fast, precision=run.precision)

@@ -46,9 +46,12 @@ def load_recipe(path_or_name: str | Path, overrides: Iterable[str] = ()) -> Trai
         raise ConfigError(f"{path}: {e}") from None
 
 
-def dump_recipe(cfg: TrainConfig, path: Path) -> None:
+def dump_recipe(cfg: TrainConfig, path: Path, comment: str | None = None) -> None:
+    """The resolved recipe as YAML; ``comment`` (e.g. the precision the run chose) heads it as ``# `` lines,
+    so the file says what the run used and still loads as the same recipe."""
     import yaml
 
     from lorakit.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+    head = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
+    atomic_write_text(path, head + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))

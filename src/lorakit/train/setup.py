@@ -21,6 +21,7 @@ from lorakit.loss.lm_loss import LossComputer
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, NullLog, logged_summary
 from lorakit.train.outputs import clear_for_new_run
+from lorakit.train.run_precision import checkpoint_precision, for_model, refuse_other_precision
 from lorakit.train.schedule import make_scheduler, warmup_steps
 from lorakit.train.state import load_checkpoint, recover_output_dir, resolve_resume
 
@@ -73,6 +74,7 @@ class Run:
     extra_eval: Optional[Callable[[torch.nn.Module], dict]] = None
     log: Any = None                     # MetricsLog (main process) or NullLog
     bar: Any = None                     # the tqdm progress bar
+    precision: Any = None               # the PrecisionChoice the model trains in (recorded in checkpoints)
 
     @property
     def world(self) -> int:
@@ -116,7 +118,8 @@ class RunState:
         """What a checkpoint stores besides the tensors (``trainer_state.json``)."""
         return {"step": self.step, "epoch": self.epoch, "pos": self.pos, "order": self.order,
                 "total_steps": run.total, "tokens": self.tokens_before + self.tokens,
-                "seconds": self.seconds_before + time.time() - self.started, "config": run.cfg.to_dict()}
+                "seconds": self.seconds_before + time.time() - self.started, "config": run.cfg.to_dict(),
+                "precision": run.precision.name, "precision_reason": run.precision.describe()}
 
 
 def total_steps(cfg: TrainConfig, n_batches: int, world: int = 1) -> int:
@@ -141,8 +144,9 @@ def _forget_other_precision(mixed_precision: str) -> None:
 def setup_run(model: torch.nn.Module, examples: list[dict], collate: Callable[[list[dict]], dict],
               cfg: TrainConfig, out: Path, *, resume: str | Path | None, overwrite: bool,
               eval_examples: Optional[list] = None, extra_eval: Optional[Callable] = None,
-              print_fn: Callable[[str], None] = print) -> tuple[Run, RunState]:
-    """Everything up to the first step: checks, accelerator, optimizer, schedule, resume, log, progress bar."""
+              print_fn: Callable[[str], None] = print, precision: Any = None) -> tuple[Run, RunState]:
+    """Everything up to the first step: checks, accelerator, optimizer, schedule, resume, log, progress bar.
+    ``precision``: the model's PrecisionChoice, if known (see ``run_precision.for_model``)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -160,6 +164,7 @@ def setup_run(model: torch.nn.Module, examples: list[dict], collate: Callable[[l
     accelerator.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
 
+    precision = for_model(model, cfg, precision, accelerator.device)  # before the optimizer holds the weights
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters; wrap it with get_peft_model first")
@@ -180,7 +185,7 @@ def setup_run(model: torch.nn.Module, examples: list[dict], collate: Callable[[l
     run = Run(cfg=cfg, out=out, accelerator=accelerator, model=model, loss_module=loss_module, loss_fn=loss_fn,
               params=params, optimizer=optimizer, scheduler=scheduler, examples=examples, collate=collate,
               lengths=[len(e["input_ids"]) for e in examples], n_batches=n_batches, total=total,
-              eval_examples=eval_examples, extra_eval=extra_eval)
+              eval_examples=eval_examples, extra_eval=extra_eval, precision=precision)
 
     if resume is not None:
         state = resume_state(run, resume, print_fn)
@@ -198,6 +203,9 @@ def setup_run(model: torch.nn.Module, examples: list[dict], collate: Callable[[l
 def resume_state(run: Run, resume: str | Path, print_fn: Callable[[str], None]) -> RunState:
     """Restore the model, optimizer, schedule and RNG from a checkpoint; the state to continue from."""
     ckpt = resolve_resume(resume, run.out, report=print_fn)
+    written_in = checkpoint_precision(ckpt)
+    if written_in is not None and written_in != run.precision.name:  # refused before anything is restored
+        refuse_other_precision(written_in, run.precision, where=f"checkpoint {ckpt}")
     saved = load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler)  # restores RNG last: nothing may follow
     total = run.total
     if saved["total_steps"] != total:

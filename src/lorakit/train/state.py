@@ -36,6 +36,7 @@ import torch
 from lorakit.errors import TrainingError
 from lorakit.io import (TEMP_PREFIX, UnreadableFile, atomic_save_tensors, atomic_torch_save, atomic_write_json,
                         load_plain_tensors, private_temp_dir, remove_temp_dirs)
+from lorakit.train.run_precision import float32_saved
 
 STEP_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -107,7 +108,8 @@ def _checked_root(output_dir: str | Path) -> Path:
 def _write_files(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, trainer_state: dict) -> None:
     atomic_save_tensors(trainable_state(model), folder / "trainable.safetensors")
     if hasattr(model, "lora_state_dict") and hasattr(model, "save_pretrained"):
-        model.save_pretrained(folder / "adapter")
+        with float32_saved(model):  # the adapter as it is used alone: float32 (trainable.safetensors keeps dtypes)
+            model.save_pretrained(folder / "adapter")
     atomic_torch_save(optimizer.state_dict(), folder / "optimizer.pt")
     atomic_write_json(folder / "scheduler.json", scheduler.state_dict(), indent=None)
     meta, tensors = rng_state()

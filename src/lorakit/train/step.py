@@ -45,7 +45,7 @@ def nan_error(step: int, what: str, run: Run, state: RunState) -> TrainingError:
     return TrainingError(
         f"{what} at optimizer step {step}; training stopped and {kept}. Try a lower learning rate "
         f"(train.lr is {cfg.train.lr:g}; e.g. --set train.lr={cfg.train.lr / 10:g}), gradient clipping "
-        f"(--set train.max_grad_norm=1.0){precision}, or fp32 weights (--set model.dtype=float32).")
+        f"(--set train.max_grad_norm=1.0){precision}, or float32 weights (--set train.precision=fp32).")
 
 
 def next_group(run: Run, state: RunState) -> list[list[int]]:
