@@ -96,8 +96,9 @@ def choose(f: Facts) -> Choice:
     else:
         linear = BRANCH
     loss = FUSED if cpu and not f.rows else MODEL
-    # the body's frozen products inside the fused loss's training forward (not recomputed by checkpointing)
-    frozen = ONEDNN if (loss == FUSED and f.onednn and f.grad and f.dtype in _ONEDNN and not f.autocast
+    # the body's frozen products inside the fused loss's training forward (not recomputed by checkpointing);
+    # float32 only: bfloat16's through torch (its bf16 matmul is oneDNN's already; onednn.FROZEN_DTYPES)
+    frozen = ONEDNN if (loss == FUSED and f.onednn and f.grad and f.dtype == "float32" and not f.autocast
                         and not f.checkpointing) else TORCH
     # a frozen float32 or bfloat16 head in one pass (bfloat16 products, the softmax summed in float32)
     if f.device == "cpu" and f.dtype in _ONEDNN and f.frozen_weight:

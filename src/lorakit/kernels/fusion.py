@@ -9,9 +9,10 @@ a sibling hands that output back only when it is called with that very tensor. A
 leader, so a wrong guess costs one wasted product, never a wrong value.
 
 ``kernels.dispatch`` sends a call here (route "siblings", or "learn" for the fused loss's no-grad
-check) only in training on the CPU with float32/float64 tensors, no autocast, no hooks, no
-saved-tensor hooks (activation checkpointing recomputes a forward and expects the same autograd
-nodes; offloading hooks expect the usual ones) and not under torch.compile. What the layer must be
+check) only in training on the CPU with float32/float64 tensors or bfloat16 ones (adapters bfloat16 or
+float32: train.precision bf16), no autocast, no hooks, no saved-tensor hooks (activation checkpointing
+recomputes a forward and expects the same autograd nodes; offloading hooks expect the usual ones) and
+not under torch.compile. What the layer must be
 is checked here (``_spec``): one active unmerged adapter over a plain ``nn.Linear`` with frozen
 weights; otherwise ``fused_forward`` returns None and the layer takes the per-module branch kernel.
 """
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from . import guards
+from .branch import adapter_fits
 from .dispatch import learning
 from .dropout import SharedDropout
 from .siblings import sibling_linear
@@ -54,6 +56,10 @@ class FuseState:
 _run: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("lorakit_sibling_run", default=None)
 
 
+# the input's (and frozen weight's) dtypes the sibling kernel computes in; the adapters: ``adapter_fits``
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
 class _Spec(NamedTuple):
     W: torch.Tensor
     b: torch.Tensor | None
@@ -76,8 +82,10 @@ def _spec(layer, x: torch.Tensor) -> _Spec | None:
         return None
     W, b = base.weight, base.bias
     A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    dtype = x.dtype
     if (W.requires_grad or (b is not None and b.requires_grad) or not (A.requires_grad or B.requires_grad)
-            or not (x.dtype == W.dtype == A.dtype == B.dtype) or x.dtype not in (torch.float32, torch.float64)
+            or dtype not in _DTYPES or W.dtype is not dtype or (b is not None and b.dtype is not dtype)
+            or not (adapter_fits(dtype, A) and adapter_fits(dtype, B))
             or W.device.type != "cpu" or A.device.type != "cpu" or x.shape[-1] != W.shape[1]):
         return None
     drop = layer._dropout_of(name)

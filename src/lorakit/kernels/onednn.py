@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import guards
 
-__all__ = ["available", "base_linear", "add_linear_t", "frozen_linears", "usable"]
+__all__ = ["FROZEN_DTYPES", "available", "base_linear", "add_linear_t", "frozen_linears", "usable"]
 
 _lp = guards.onednn_linear()
 # whether this torch build's op works is a fact of the process: checked once per dtype, kept for it
@@ -30,6 +30,12 @@ _checked: dict[torch.dtype, bool] = {}
 #: dtypes the products here may take: float32 and bfloat16 (train.precision bf16; oneDNN runs it on AMX
 #: or AVX-512 BF16 where the CPU has them), each with its own check
 DTYPES = (torch.float32, torch.bfloat16)
+#: dtypes whose frozen products in training (a forward, then the input gradient) run faster here than
+#: through torch's own F.linear / addmm: float32 (MKL's sgemm takes a generic path on AMD CPUs). Not
+#: bfloat16: torch's bf16 matmul is oneDNN already, and on an AVX-512 BF16 CPU (AMD EPYC) it ran a
+#: SmolLM2-135M linear's forward + backward ~10% faster than ``_linear_pointwise``, whose accumulating
+#: product (``add_linear_t``) was the slower part
+FROZEN_DTYPES = (torch.float32,)
 # agreement with F.linear asked of each dtype's check (relative to the products' scale)
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 

@@ -16,14 +16,20 @@ with the frozen products accumulated by GEMMs into the masked LoRA term (beta = 
 the buffer inside the product rather than in separate passes). For q/k/v that is one [N, in] buffer
 where the per-module path wrote six and added them in five more passes, on a step whose non-GEMM time
 is memory traffic. The mask is kept bit-packed (1 bit per element) for backward.
+
+bfloat16 (train.precision bf16): everything runs in bf16, float32 adapters read as bf16 and their
+gradients returned in float32 (as ``kernels.branch``). The frozen products then use torch's own
+bf16 matmul (itself oneDNN's): faster than ``_linear_pointwise`` here, mostly for the input
+gradient's accumulating product (``kernels.onednn.FROZEN_DTYPES``).
 """
 from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
 
+from .branch import low, wide
 from .dropout import mul_keep
-from .onednn import add_linear_t, base_linear
+from .onednn import FROZEN_DTYPES, add_linear_t, base_linear
 from .masks import pack_keep, unpack_keep
 
 __all__ = ["sibling_linear"]
@@ -33,6 +39,10 @@ class _SiblingLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep, factors, n, *tensors):
         Ws, bs, As, Bs = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n], tensors[3 * n:]
+        ctx.dtypes = [t.dtype for t in (*As, *Bs)]
+        As, Bs = [low(A, x.dtype) for A in As], [low(B, x.dtype) for B in Bs]
+        onednn = x.dtype in FROZEN_DTYPES
+        ctx.onednn = onednn
         x2 = x.reshape(-1, x.shape[-1])
         xd = x2 if keep is None else mul_keep(x2, keep.reshape(x2.shape))
         outs, hs = [], []
@@ -41,7 +51,7 @@ class _SiblingLinear(torch.autograd.Function):
             h = F.linear(xd, As[k])
             if factors[k] != 1.0:
                 h.mul_(factors[k])
-            y = base_linear(x2, Ws[k], bs[k])
+            y = base_linear(x2, Ws[k], bs[k]) if onednn else F.linear(x2, Ws[k], bs[k])
             y.addmm_(h, Bs[k].t())
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
             hs.append(h)
@@ -65,7 +75,7 @@ class _SiblingLinear(torch.autograd.Function):
         grad_B = [None] * n
         for k in range(n):
             if need_B[k] and gs[k] is not None:
-                grad_B[k] = (hs[k].t() @ gs[k]).t()  # h.T @ g: the fast layout for this skinny product
+                grad_B[k] = wide((hs[k].t() @ gs[k]).t(), ctx.dtypes[n + k])  # h.T @ g: the fast layout
         grad_A = [None] * n
         grad_x = None
         live = [k for k in range(n) if gs[k] is not None]
@@ -79,16 +89,22 @@ class _SiblingLinear(torch.autograd.Function):
             ranks = [As[k].shape[0] for k in live]
             if any(need_A):
                 gA = gh.t() @ xd
-                pieces = [gA] if len(live) == 1 else [p.clone() for p in gA.split(ranks)]
+                pieces = [gA] if len(live) == 1 else gA.split(ranks)
                 for k, piece in zip(live, pieces):
-                    grad_A[k] = piece if need_A[k] else None
+                    if not need_A[k]:
+                        continue
+                    if piece.dtype is not ctx.dtypes[k]:
+                        piece = piece.to(ctx.dtypes[k])  # float32 adapters: a tensor of its own
+                    elif len(live) > 1:
+                        piece = piece.clone()  # not a view of the shared buffer
+                    grad_A[k] = piece
             if need_x:
                 A = As[live[0]] if len(live) == 1 else torch.cat([As[k] for k in live])
                 grad_x = gh @ A
                 if ctx.packed is not None:
                     grad_x.mul_(unpack_keep(ctx.packed, grad_x.shape).view(torch.uint8))
                 for k in live:
-                    grad_x = add_linear_t(grad_x, gs[k], Ws[k])
+                    grad_x = add_linear_t(grad_x, gs[k], Ws[k]) if ctx.onednn else grad_x.addmm_(gs[k], Ws[k])
                 grad_x = grad_x.view(ctx.x_shape)
         return (grad_x, None, None, None, *([None] * (2 * n)), *grad_A, *grad_B)
 
