@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from . import guards
 from .dropout import SharedDropout
 
-__all__ = ["adapter_fits", "branch_add", "generation_add", "lora_add", "lora_delta", "low"]
+__all__ = ["adapter_fits", "branch_add", "generation_add", "lora_add", "lora_delta", "low", "low_t", "wide"]
 
 
 def adapter_fits(dtype: torch.dtype, weight: torch.Tensor) -> bool:
@@ -46,6 +46,14 @@ def adapter_fits(dtype: torch.dtype, weight: torch.Tensor) -> bool:
 def low(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``weight`` as ``dtype`` (itself when it is already): an adapter read in the activations' dtype."""
     return weight if weight.dtype is dtype else weight.to(dtype)
+
+
+def low_t(B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``B.T`` [r, out] in ``dtype``: a view of B when it has that dtype, else its cast laid out contiguous, the
+    one copy serving both forward's ``h @ B.T`` and backward's ``g @ B`` (``linear(g, B.T)``)."""
+    if B.dtype is dtype:
+        return B.t()
+    return B.t().to(dtype, memory_format=torch.contiguous_format)
 
 
 def wide(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -85,34 +93,34 @@ class _AddBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, x, A, B, factor: float, inplace: bool):
         ctx.dtypes = (A.dtype, B.dtype)
-        A, B = low(A, x.dtype), low(B, x.dtype)
+        A, Bt = low(A, x.dtype), low_t(B, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         h = F.linear(x2, A)
         if factor != 1.0:
             h.mul_(factor)
         if inplace:
-            result.view(-1, result.shape[-1]).addmm_(h, B.t())
+            result.view(-1, result.shape[-1]).addmm_(h, Bt)
             ctx.mark_dirty(result)
             out = result
         else:
             # a fresh tensor, not a view of one: the caller may modify the output in place
             # (Falcon's ``mlp_output += attention_output`` after a Linear subclass)
             out = torch.empty(result.shape, dtype=result.dtype, device=result.device)
-            torch.addmm(result.reshape(-1, result.shape[-1]), h, B.t(), out=out.view(-1, out.shape[-1]))
-        ctx.save_for_backward(x, A, B, h)
+            torch.addmm(result.reshape(-1, result.shape[-1]), h, Bt, out=out.view(-1, out.shape[-1]))
+        ctx.save_for_backward(x, A, Bt, h)
         ctx.factor = factor
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, A, B, h = ctx.saved_tensors
+        x, A, Bt, h = ctx.saved_tensors
         need_x, need_A, need_B = ctx.needs_input_grad[1:4]
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_A = grad_B = None
         if need_B:
             grad_B = (h.t() @ g2).t()  # [out, r]; h.T @ g is the fast layout for this skinny product
         if need_x or need_A:
-            gh = F.linear(g2, B.t().contiguous())  # g @ B
+            gh = F.linear(g2, Bt.contiguous())  # g @ B
             if ctx.factor != 1.0:
                 gh.mul_(ctx.factor)
             if need_A:
@@ -120,6 +128,12 @@ class _AddBranch(torch.autograd.Function):
             if need_x:
                 grad_x = (gh @ A).view(x.shape)
         return grad, grad_x, wide(grad_A, ctx.dtypes[0]), wide(grad_B, ctx.dtypes[1]), None, None
+
+
+# up to this many rows the generation kernel runs a bf16 call's branch in float32: bf16 products this small
+# cost ~25 us each in fixed overhead on the CPU (oneDNN), float32 ones a few (with the input's cast: 15 vs
+# 65 us per LoRA linear for one token at SmolLM2-135M's shapes; float32 still ahead at 32 rows, not at 128)
+_FEW_ROWS = 32
 
 
 def _fits(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
@@ -138,8 +152,12 @@ def generation_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: to
     if dropout is not None:
         x, keep_scale = _drop(x, dropout)
         factor *= keep_scale
+    if x.dtype is torch.bfloat16 and x.numel() <= _FEW_ROWS * x.shape[-1]:
+        # a few bf16 rows (one token at a time): in float32, as the reference, the sum rounded once
+        result.add_(F.linear(F.linear(x.float(), A.float()), B.float()), alpha=factor)
+        return result
     h = F.linear(x, low(A, x.dtype))
-    result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), low(B, x.dtype).t(), alpha=factor)
+    result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), low_t(B, x.dtype), alpha=factor)
     return result
 
 

@@ -41,13 +41,27 @@ class _ApplyKeep(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         keep = unpack_keep(ctx.packed, ctx.shape)
         if ctx.exclusive[0]:
-            return _mul_keep_(grad, keep), None, None
+            return mul_keep_(grad, keep), None, None
         return mul_keep(grad, keep), None, None
 
 
-def _mul_keep_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+# 16-bit floats are masked as their bits: x AND (all ones where kept, zero where dropped), twice as fast as
+# torch's bf16 * uint8 loop on the CPU (which widens every element to float32 and back); kept values are
+# the same bits, dropped ones +0
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _keep_bits(keep: torch.Tensor) -> torch.Tensor:
+    return keep.view(torch.uint8).to(torch.int16).neg_()  # 1 -> -1 (all bits set), 0 -> 0
+
+
+def mul_keep_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """x *= keep where x may be written (a contiguous CPU float tensor), else x * keep."""
     if x.device.type == "cpu" and x.is_floating_point() and x.is_contiguous() and not x.requires_grad:
+        bits = _BITS.get(x.dtype)
+        if bits is not None:
+            x.view(bits).bitwise_and_(_keep_bits(keep))
+            return x
         return x.mul_(keep.view(torch.uint8))
     return mul_keep(x, keep)
 
@@ -56,12 +70,15 @@ def mul_keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """x * keep in one pass, for a CPU tensor ``x`` and its CPU bool mask (the CPU kernels' masks).
 
     The mask is read as uint8 (0/1, the same bytes): torch's bool*float loop is far slower than its
-    vectorised uint8*float loop, which also uses every thread.
+    vectorised uint8*float loop, which also uses every thread. 16-bit floats: a bitwise AND (``_BITS``).
     """
     if not x.is_cpu:
         raise ValueError(f"mul_keep is a CPU kernel; got a tensor on {x.device} (the dispatcher sends other "
                          f"devices to torch's dropout)")
     if x.is_floating_point():
+        bits = _BITS.get(x.dtype)
+        if bits is not None:
+            return (x.detach().view(bits) & _keep_bits(keep)).view(x.dtype)
         return x.detach() * keep.view(torch.uint8)
     return x * keep
 

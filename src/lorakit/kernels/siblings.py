@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .branch import low, wide
-from .dropout import mul_keep
+from .branch import low, low_t, wide
+from .dropout import mul_keep, mul_keep_
 from .onednn import FROZEN_DTYPES, add_linear_t, base_linear
 from .masks import pack_keep, unpack_keep
 
@@ -40,7 +40,7 @@ class _SiblingLinear(torch.autograd.Function):
     def forward(ctx, x, keep, factors, n, *tensors):
         Ws, bs, As, Bs = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n], tensors[3 * n:]
         ctx.dtypes = [t.dtype for t in (*As, *Bs)]
-        As, Bs = [low(A, x.dtype) for A in As], [low(B, x.dtype) for B in Bs]
+        As, Bts = [low(A, x.dtype) for A in As], [low_t(B, x.dtype) for B in Bs]
         onednn = x.dtype in FROZEN_DTYPES
         ctx.onednn = onednn
         x2 = x.reshape(-1, x.shape[-1])
@@ -52,7 +52,7 @@ class _SiblingLinear(torch.autograd.Function):
             if factors[k] != 1.0:
                 h.mul_(factors[k])
             y = base_linear(x2, Ws[k], bs[k]) if onednn else F.linear(x2, Ws[k], bs[k])
-            y.addmm_(h, Bs[k].t())
+            y.addmm_(h, Bts[k])
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
             hs.append(h)
         ctx.n, ctx.factors, ctx.x_shape = n, factors, x.shape
@@ -60,14 +60,14 @@ class _SiblingLinear(torch.autograd.Function):
         ctx.packed = None
         if keep is not None and ctx.needs_input_grad[0]:
             ctx.packed = pack_keep(keep)
-        ctx.save_for_backward(xd, *hs, *As, *Ws, *Bs)
+        ctx.save_for_backward(xd, *hs, *As, *Ws, *Bts)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         n = ctx.n
         xd, *rest = ctx.saved_tensors
-        hs, As, Ws, Bs = rest[:n], rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+        hs, As, Ws, Bts = rest[:n], rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
         need_x = ctx.needs_input_grad[0]
         need_A = ctx.needs_input_grad[4 + 2 * n:4 + 3 * n]
         need_B = ctx.needs_input_grad[4 + 3 * n:]
@@ -83,7 +83,7 @@ class _SiblingLinear(torch.autograd.Function):
             # g @ B for every sibling side by side: one [N, sum r] buffer, then one GEMM each for grad A, grad x
             parts = []
             for k in live:
-                part = F.linear(gs[k], Bs[k].t().contiguous())
+                part = F.linear(gs[k], Bts[k].contiguous())  # g @ B
                 parts.append(part if ctx.factors[k] == 1.0 else part.mul_(ctx.factors[k]))
             gh = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
             ranks = [As[k].shape[0] for k in live]
@@ -102,7 +102,7 @@ class _SiblingLinear(torch.autograd.Function):
                 A = As[live[0]] if len(live) == 1 else torch.cat([As[k] for k in live])
                 grad_x = gh @ A
                 if ctx.packed is not None:
-                    grad_x.mul_(unpack_keep(ctx.packed, grad_x.shape).view(torch.uint8))
+                    grad_x = mul_keep_(grad_x, unpack_keep(ctx.packed, grad_x.shape))
                 for k in live:
                     grad_x = add_linear_t(grad_x, gs[k], Ws[k]) if ctx.onednn else grad_x.addmm_(gs[k], Ws[k])
                 grad_x = grad_x.view(ctx.x_shape)
