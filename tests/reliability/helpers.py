@@ -155,6 +155,7 @@ train:
   batch_size: 4
   lr: 1.0e-3
   progress: false
+  precision: fp32   # the killed subprocess and the in-process runs compared byte for byte: one arithmetic
 eval:
   accuracy: false
 output:

@@ -51,8 +51,9 @@ def test_embedded_model_served_from_the_command_line(tmp_path, capsys):
 
     adapters = {"one": _adapter(tmp_path / "one", ["q_proj", "v_proj"], 1),
                 "two": _adapter(tmp_path / "two", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], 2)}
+    # one precision for the server (a subprocess) and the in-process generate it is compared with
     proc, url = _start(["--model", "embedded", "--port", "0", "--api-key", "secret", "--log-level", "warning",
-                        *[f"--adapter={n}={d}" for n, d in adapters.items()]])
+                        "--precision", "fp32", *[f"--adapter={n}={d}" for n, d in adapters.items()]])
     try:
         deadline = time.monotonic() + 120
         while httpx.get(url + "/health").status_code != 200:
@@ -77,7 +78,8 @@ def test_embedded_model_served_from_the_command_line(tmp_path, capsys):
         rest = proc.stderr.read()
         assert proc.wait(60) == 130 and "Traceback" not in rest and "lorakit serve: interrupted" in rest
     for (model, question), reply in replies.items():
-        argv = ["generate", "--model", "embedded", "--chat", "--prompt", question, "--max-new-tokens", "24"]
+        argv = ["generate", "--model", "embedded", "--chat", "--prompt", question, "--max-new-tokens", "24",
+                "--precision", "fp32"]
         if model != "embedded":
             argv += ["--adapter", str(adapters[model])]
         capsys.readouterr()

@@ -246,3 +246,21 @@ def test_train_loop_refuses_a_checkpoint_of_another_precision_and_changes_nothin
         train_loop(fp32, tiny_examples(8), pad_batch, config_from_dict({}, base), tmp_path,
                    resume=tmp_path / "checkpoints" / "step-000002", print_fn=lambda s: None)
     assert all(torch.equal(p, before[n]) for n, p in fp32.named_parameters())
+
+
+def test_data_parallel_processes_that_chose_differently_are_refused(monkeypatch):
+    import accelerate.utils
+
+    from lorakit.precision import PrecisionChoice
+    from lorakit.train.run_precision import same_on_every_process
+
+    class Accelerator:
+        num_processes = 2
+
+    choice = PrecisionChoice("bf16", torch.bfloat16, "auto", "measured")
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda names: ["bf16", "bf16"])
+    same_on_every_process(Accelerator(), choice)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda names: ["bf16", "fp32"])
+    with pytest.raises(TrainingError, match=r"different precisions \(bf16, fp32\) under train.precision auto.*"
+                                            r"--precision fp32"):
+        same_on_every_process(Accelerator(), choice)

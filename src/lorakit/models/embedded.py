@@ -225,6 +225,8 @@ def load_model_and_tokenizer(
     """
     from transformers import AutoTokenizer
 
+    from lorakit.models.half_load import load_half
+
     auto_class = auto_class_for_task(task)
     torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path)
@@ -234,9 +236,12 @@ def load_model_and_tokenizer(
         _check_causal(path, name_or_path, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = auto_class.from_pretrained(
-            path, trust_remote_code=trust_remote_code, **_dtype_kwarg(torch_dtype), **model_kwargs
-        )
+        # bf16 / fp16 from float32 files: read tensor by tensor (transformers' loader peaks at file + model)
+        model = load_half(auto_class, path, torch_dtype, trust_remote_code, model_kwargs)
+        if model is None:
+            model = auto_class.from_pretrained(
+                path, trust_remote_code=trust_remote_code, **_dtype_kwarg(torch_dtype), **model_kwargs
+            )
     except LoraError:
         raise
     except Exception as exc:  # noqa: BLE001 - a local folder: whatever the loader tripped on is the folder's fault

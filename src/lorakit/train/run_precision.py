@@ -86,6 +86,20 @@ def for_model(model: torch.nn.Module, cfg: TrainConfig, given: Optional[Precisio
                            "the model's own dtype (a model given to train_loop is trained as it is under auto)")
 
 
+def same_on_every_process(accelerator: Any, choice: PrecisionChoice) -> None:
+    """A data-parallel run trains in one precision: auto chooses per process (each measures), so processes that
+    chose differently are refused, with the fix, before the first step."""
+    if accelerator.num_processes <= 1:
+        return
+    from accelerate.utils import gather_object
+
+    names = gather_object([choice.name])
+    if len(set(names)) > 1:
+        raise TrainingError(f"the processes of this data-parallel run chose different precisions ({', '.join(names)}) "
+                            f"under train.precision {choice.setting}; set one for all of them: --precision fp32 or "
+                            f"--precision bf16 (--set train.precision=...)")
+
+
 @contextlib.contextmanager
 def float32_saved(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, the model's trainable half-precision weights are float32 (exactly: a bf16 / fp16

@@ -21,7 +21,7 @@ from lorakit.loss.lm_loss import LossComputer
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, NullLog, logged_summary
 from lorakit.train.outputs import clear_for_new_run
-from lorakit.train.run_precision import checkpoint_precision, for_model, refuse_other_precision
+from lorakit.train.run_precision import checkpoint_precision, for_model, refuse_other_precision, same_on_every_process
 from lorakit.train.schedule import make_scheduler, warmup_steps
 from lorakit.train.state import load_checkpoint, recover_output_dir, resolve_resume
 
@@ -165,6 +165,7 @@ def setup_run(model: torch.nn.Module, examples: list[dict], collate: Callable[[l
     out.mkdir(parents=True, exist_ok=True)
 
     precision = for_model(model, cfg, precision, accelerator.device)  # before the optimizer holds the weights
+    same_on_every_process(accelerator, precision)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters; wrap it with get_peft_model first")
