@@ -2,7 +2,8 @@
 
 `prepare(cfg)` does everything up to the first step and returns a `Setup` (the CLI's `eval` and
 `demo` reuse it); `train(cfg)` = prepare + train_loop + the final artefacts (adapter, merged model,
-resolved recipe, loss plot).
+resolved recipe, loss plot). The precision (train.precision, see `train.run_precision`) is chosen before
+the base loads, and the base is loaded straight in it; the resolved recipe's first line says which.
 """
 
 from __future__ import annotations
@@ -131,7 +132,6 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, output_dir: str
           overwrite: bool = False) -> RunOutputs:
     """Run a recipe end to end; see the module docstring."""
     from lorakit.train.recipe import dump_recipe
-
     from lorakit.train.run_precision import checkpoint_precision, resolve_precision
 
     out = Path(output_dir or cfg.output.dir)
@@ -184,8 +184,7 @@ def float32_model(setup: Setup, result: TrainResult, print_fn: Callable[[str], N
     from lorakit import LoraModel
     from lorakit.models import load_model_and_tokenizer
 
-    why = "4-bit" if cfg.model.load_in_4bit else str(setup.precision.dtype if setup.precision else "half").removeprefix(
-        "torch.")
+    why = "4-bit" if cfg.model.load_in_4bit else "half-precision"
     print_fn(f"merging the adapter into {cfg.model.name} loaded in float32 (the merged model is float32; the "
              f"run's {why} base is not merged into)")
     base, _ = load_model_and_tokenizer(cfg.model.name, dtype="float32", device="cpu",
