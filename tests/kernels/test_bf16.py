@@ -7,14 +7,14 @@ float32, as peft does) by being about as close to that exact math as the referen
 """
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from lorakit import LoraConfig, get_peft_model, kernels
-from lorakit.kernels import SharedDropout, branch_add, fusion, generation_add
+from lorakit.kernels import SharedDropout, branch_add, fusion, generation_add, onednn
 from lorakit.kernels.masks import draw_keep_mask
 from lorakit.kernels.siblings import sibling_linear
 from lorakit.layers import linear as linear_mod
+from lorakit.layers.base import add_delta
 from lorakit.layers.linear import lora_linear_delta
 from tiny import graph_nodes, ids, randomize_lora, single_thread, tiny_llama  # noqa: F401
 
@@ -75,8 +75,8 @@ def test_branch_kernel_in_bfloat16(adapters, inplace):
     grads = _grads(out, [x, A, B])
     want, want_grads = _exact(x, W, A, B, 2.5)
     _check(out, grads, want, want_grads, x, A, B)
-    # the reference path (x cast to the adapters' dtype, the sum rounded once) is no closer to the exact math
-    ref = F.linear(x, W) + lora_linear_delta(x, A, B, 2.5).to(BF16)
+    # about as close to the exact math as the reference path (x cast to the adapters' dtype, the sum rounded once)
+    ref = add_delta(F.linear(x, W), lora_linear_delta(x, A, B, 2.5))
     assert _relative(out, want) < 2 * _relative(ref, want) + ROUND / 4
     for got, r, exact in zip(grads, _grads(ref, [x, A, B]), want_grads):
         assert _relative(got, exact) < 2 * _relative(r, exact) + ROUND, got.shape
@@ -108,7 +108,7 @@ def test_generation_kernel_in_bfloat16(rows, adapters):
         out = generation_add(result, x, A, B, 1.5, None, True)
         assert out is result and out.dtype == BF16  # written into the base output
         assert _relative(out, want) < (ROUND / 2 if few else 2 * ROUND)
-        ref = (F.linear(x, W).float() + lora_linear_delta(x, A.float(), B.float(), 1.5)).to(BF16)  # rounded once
+        ref = add_delta(F.linear(x, W), lora_linear_delta(x, A.float(), B.float(), 1.5))  # rounded once
         assert _relative(out, want) < 2 * _relative(ref, want) + ROUND / 4
         if few:
             assert _relative(out, ref) < ROUND / 8  # the reference's sum, to float32 rounding
@@ -160,6 +160,24 @@ def test_sibling_kernel_in_bfloat16(n, keep_p, bias, adapters):
     assert [g.dtype for g in grads] == [p.dtype for p in params]  # x bfloat16, the adapters their own dtype
     for g, w in zip(grads, want_grads):
         assert _relative(g, w) < 3 * ROUND
+
+
+def test_bfloat16_frozen_products_are_torchs_and_float32_ones_onednns(monkeypatch):
+    """The sibling kernel's frozen products: torch's bf16 matmul (measured faster here than oneDNN's
+    _linear_pointwise for a training step), oneDNN's for float32 (``onednn.FROZEN_DTYPES``)."""
+    if onednn._lp is None or not onednn.available():
+        pytest.skip("this torch build has no oneDNN linear")
+    calls = []
+    real = onednn._lp
+    counting = type("Counting", (), {"__call__": lambda self, *a: calls.append(a[0].dtype) or real(*a),
+                                     "binary": staticmethod(lambda *a: calls.append(a[0].dtype) or real.binary(*a))})()
+    monkeypatch.setattr(onednn, "_lp", counting)
+    for dtype in (BF16, torch.float32):
+        x, keep, factors, Ws, bs, As, Bs = _siblings(2, 0.3, True)
+        x = x.detach().to(dtype).requires_grad_()
+        outs = sibling_linear(x, keep, factors, [W.to(dtype) for W in Ws], [b.to(dtype) for b in bs], As, Bs)
+        torch.autograd.grad(_loss(outs), [x, *As])
+    assert calls == [torch.float32] * 4  # float32 only: two forward products, two accumulated input gradients
 
 
 def test_shared_dropout_masks_bfloat16_and_its_gradient():
