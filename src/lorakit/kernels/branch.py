@@ -21,9 +21,10 @@ bfloat16 (train.precision bf16): over bf16 activations and a bf16 base the branc
 the adapters' dtype; float32 adapters are read as bf16 inside the node (a cast of an [r, in] and an
 [out, r] matrix per call), and their gradients, formed by bf16 products accumulated in float32, come
 back in float32. Forming them from float32 copies instead would cast the [N, in] input and the [N, out]
-gradient (the big operands of each skinny product): ~1e-3 -> ~1e-6 relative error against float64 of
-the same bf16 operands, but 8x the branch's time at SmolLM2-135M's shapes; the bf16 rounding is below
-what the bf16 activations themselves carry.
+gradient (the big operands of each skinny product): ~3e-3 -> ~5e-7 relative error against float64 of
+the same bf16 operands, but ~8x the branch's time at SmolLM2-135M's shapes (1024 tokens, one thread);
+the bf16 rounding is below what the bf16 activations themselves carry. Generation over a few rows
+(one token at a time) is the exception: there float32 is the faster (``generation_add``).
 """
 from __future__ import annotations
 
