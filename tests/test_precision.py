@@ -159,3 +159,24 @@ def test_apply_precision_casts_the_base_and_keeps_adapters_float32():
 def test_apply_precision_by_name_on_a_plain_model():
     model = apply_precision(tiny_llama(), "fp32")
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_generation_is_measured_as_generation_and_cached_apart(tmp_path):
+    seen = []
+
+    def measure(shapes, workload="train"):
+        seen.append(workload)
+        return {"fp32": 1.0, "bf16": 2.0 if workload == "generate" else 0.5}
+
+    train = choose_precision("auto", "cpu", [(64, 128)], measure=measure, cache_dir=tmp_path, cpuinfo=ZEN4)
+    gen = choose_precision("auto", "cpu", [(64, 128)], measure=measure, cache_dir=tmp_path, cpuinfo=ZEN4,
+                           workload="generate")
+    assert (train.name, gen.name) == ("bf16", "fp32") and seen == ["train", "generate"]
+    assert "one-token" in gen.reason
+    with pytest.raises(ConfigError, match="unknown workload"):
+        choose_precision("auto", workload="serve")
+
+
+def test_the_real_one_token_measurement_times_both_dtypes():
+    seconds = measure_products([(32, 48)], rounds=2, workload="generate")
+    assert set(seconds) == {"fp32", "bf16"} and all(v > 0 for v in seconds.values())

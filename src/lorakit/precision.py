@@ -146,22 +146,32 @@ def _tokens(shapes: Iterable[tuple[int, int]]) -> int:
     return int(max(128, min(512, _FLOPS_PER_PRODUCT / (2 * widest))))
 
 
-def measure_products(shapes: list[tuple[int, int]], rounds: int = 7) -> dict[str, float]:
-    """Seconds for one pass of the products a training step runs per linear (``x @ W.T`` and the input
-    gradient ``g @ W``) at ``shapes``, in float32 and in bfloat16, through the path training takes
-    (oneDNN where it is usable, else torch). The two dtypes are timed in alternation, ``rounds`` times,
-    and each keeps its fastest round: a burst of other work on the machine slows one round of both, not
-    one dtype."""
+#: what a run mostly does: "train" (products over a batch of tokens, forward and input gradient) or
+#: "generate" (one token at a time: products of one row, forward only, where a small model's bf16 product
+#: can lose to float32's on fixed costs while a large one's wins on halved weight traffic)
+WORKLOADS = ("train", "generate")
+#: rows per product of a generation step, and how many products one timing repeats (a single row is ~us)
+_DECODE_ROWS, _DECODE_REPEAT = 1, 16
+
+
+def measure_products(shapes: list[tuple[int, int]], rounds: int = 7, workload: str = "train") -> dict[str, float]:
+    """Seconds for one pass of the products a ``workload`` step runs per linear at ``shapes`` (training:
+    ``x @ W.T`` and the input gradient ``g @ W`` over a batch; generation: ``x @ W.T`` of one row), in float32
+    and in bfloat16, through the path the run takes (oneDNN where it is usable, else torch). The two dtypes
+    are timed in alternation, ``rounds`` times, and each keeps its fastest round: a burst of other work on
+    the machine slows one round of both, not one dtype."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ratio per core; a round on one thread is rarely hit by other work
     try:
-        return _timed(shapes, rounds)
+        return _timed(_runs(shapes, workload), rounds)
     finally:
         torch.set_num_threads(threads)
 
 
-def _timed(shapes: list[tuple[int, int]], rounds: int) -> dict[str, float]:
-    n = _tokens(shapes)
+def _runs(shapes: list[tuple[int, int]], workload: str) -> dict[str, list]:
+    """Per dtype, one callable per shape running that shape's products."""
+    train = workload == "train"
+    n = _tokens(shapes) if train else _DECODE_ROWS
     g = torch.Generator().manual_seed(0)
     runs: dict[str, list] = {name: [] for name in _DTYPES}
     for fan_in, fan_out in shapes:
@@ -169,10 +179,17 @@ def _timed(shapes: list[tuple[int, int]], rounds: int) -> dict[str, float]:
                       torch.randn(n, fan_out, generator=g))
         for name, dtype in _DTYPES.items():
             xd, Wd, gd = x.to(dtype), W.to(dtype), grad.to(dtype)
-            runs[name].append(lambda xd=xd, Wd=Wd, gd=gd: (onednn.base_linear(xd, Wd), onednn.base_linear(gd, Wd.t())))
-    best = {name: [float("inf")] * len(shapes) for name in _DTYPES}
+            if train:
+                runs[name].append(lambda xd=xd, Wd=Wd, gd=gd: (onednn.base_linear(xd, Wd), onednn.base_linear(gd, Wd.t())))
+            else:
+                runs[name].append(lambda xd=xd, Wd=Wd: [torch.nn.functional.linear(xd, Wd) for _ in range(_DECODE_REPEAT)])
+    return runs
+
+
+def _timed(runs: dict[str, list], rounds: int) -> dict[str, float]:
+    best = {name: [float("inf")] * len(r) for name, r in runs.items()}
     for round_ in range(rounds + 1):  # round 0 warms up (oneDNN builds its kernels on first use)
-        for name in _DTYPES:
+        for name in runs:
             for k, run in enumerate(runs[name]):
                 t = time.perf_counter()
                 run()
@@ -192,9 +209,9 @@ def cache_file(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or CACHE_DIR or cache_root()) / "precision.json"
 
 
-def _cache_key(cpu: CpuFacts, shapes: list[tuple[int, int]]) -> str:
+def _cache_key(cpu: CpuFacts, shapes: list[tuple[int, int]], workload: str) -> str:
     return (f"{cpu.model} | {' '.join(cpu.bf16_instructions) or 'no-bf16'} | torch {torch.__version__} | "
-            f"{' '.join(f'{i}x{o}' for i, o in shapes)}")
+            f"{workload} | {' '.join(f'{i}x{o}' for i, o in shapes)}")
 
 
 def _read_cache(path: Path) -> dict:
@@ -205,13 +222,13 @@ def _read_cache(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _measured(cpu: CpuFacts, shapes: list[tuple[int, int]], measure, cache_dir) -> tuple[dict, bool]:
+def _measured(cpu: CpuFacts, shapes: list[tuple[int, int]], measure, cache_dir, workload: str) -> tuple[dict, bool]:
     """(seconds per dtype, whether they came from the cache)."""
-    path, key = cache_file(cache_dir), _cache_key(cpu, shapes)
+    path, key = cache_file(cache_dir), _cache_key(cpu, shapes, workload)
     cached = _read_cache(path).get(key)
     if isinstance(cached, dict) and all(isinstance(cached.get(k), (int, float)) and cached[k] > 0 for k in _DTYPES):
         return {k: float(cached[k]) for k in _DTYPES}, True
-    seconds = measure(shapes)
+    seconds = measure(shapes) if workload == "train" else measure(shapes, workload=workload)
     data = _read_cache(path)
     data[key] = {**{k: float(seconds[k]) for k in _DTYPES}, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
@@ -225,11 +242,14 @@ def _measured(cpu: CpuFacts, shapes: list[tuple[int, int]], measure, cache_dir) 
 # -- the choice ----------------------------------------------------------------------------------
 
 def choose_precision(setting: Any = "auto", device: Any = "cpu", shapes: list[tuple[int, int]] | None = None, *,
-                     measure: Callable[[list], dict] | None = None, cache_dir: str | os.PathLike | None = None,
-                     cpuinfo: str | None = None) -> PrecisionChoice:
+                     measure: Callable[..., dict] | None = None, cache_dir: str | os.PathLike | None = None,
+                     cpuinfo: str | None = None, workload: str = "train") -> PrecisionChoice:
     """The precision of a run on ``device`` for ``setting`` (see the module doc); ``shapes``: the model's
-    linears (``shapes_of``). ``measure`` / ``cpuinfo`` replace the measurement and /proc/cpuinfo (tests)."""
+    linears (``shapes_of``); ``workload``: "train" (training, evaluation) or "generate" (generation, chat,
+    serving: one token at a time). ``measure`` / ``cpuinfo`` replace the measurement and /proc/cpuinfo (tests)."""
     setting = normalize_precision(setting)
+    if workload not in WORKLOADS:
+        raise ConfigError(f"unknown workload {workload!r}. Fix: use one of {', '.join(WORKLOADS)}.")
     kind = torch.device(device).type if not isinstance(device, torch.device) else device.type
     if kind == "cuda":
         return _cuda_choice(setting)
@@ -242,9 +262,10 @@ def choose_precision(setting: Any = "auto", device: Any = "cpu", shapes: list[tu
         return PrecisionChoice("fp32", torch.float32, setting,
                                f"{cpu.model} has no bf16 instructions (amx_bf16, avx512_bf16): bf16 would be slower")
     shapes = list(shapes or _GENERIC_SHAPES)
-    seconds, cached = _measured(cpu, shapes, measure or measure_products, cache_dir)
+    seconds, cached = _measured(cpu, shapes, measure or measure_products, cache_dir, workload)
     speedup = seconds["fp32"] / seconds["bf16"]
-    how = f"bf16 products {speedup:.2f}x the speed of float32 on {cpu.model} ({', '.join(cpu.bf16_instructions)})"
+    what = "bf16 products" if workload == "train" else "bf16 one-token products"
+    how = f"{what} {speedup:.2f}x the speed of float32 on {cpu.model} ({', '.join(cpu.bf16_instructions)})"
     how += ", measured earlier" if cached else ", measured now"
     if speedup >= MIN_SPEEDUP:
         return PrecisionChoice("bf16", torch.bfloat16, setting, how)

@@ -101,8 +101,8 @@ def test_eval_of_a_recipe_takes_its_precision(tiny_model_dir, tmp_path, monkeypa
     assert seen == [torch.bfloat16]
 
 
-def test_auto_is_the_training_choice(tiny_model_dir, adapter, monkeypatch, capsys, tmp_path):
-    """Without --precision, generate loads in what auto chooses for training (mocked here both ways)."""
+def test_auto_is_the_measured_generation_choice(tiny_model_dir, adapter, monkeypatch, capsys, tmp_path):
+    """Without --precision, generate loads in what auto chooses for one-token products (mocked both ways)."""
     from lorakit import precision
 
     amx = "model name\t: Test AMX CPU {}\nflags\t\t: avx512_bf16 amx_bf16\n"
@@ -110,10 +110,12 @@ def test_auto_is_the_training_choice(tiny_model_dir, adapter, monkeypatch, capsy
     monkeypatch.setattr(precision, "CACHE_DIR", tmp_path)
     for speedup, dtype in ((4.0, torch.bfloat16), (0.4, torch.float32)):
         monkeypatch.setattr(precision, "cpu_facts", lambda cpuinfo=None, s=speedup: real(amx.format(s)))
-        monkeypatch.setattr(precision, "measure_products", lambda shapes, s=speedup: {"fp32": 1.0, "bf16": 1.0 / s})
+        asked = []
+        monkeypatch.setattr(precision, "measure_products", lambda shapes, workload="train", s=speedup:
+                            asked.append(workload) or {"fp32": 1.0, "bf16": 1.0 / s})
         seen, err = loaded_dtype(monkeypatch, ["generate", "--adapter", str(adapter), "--prompt", "hi",
                                                "--max-new-tokens", "1", "--device", "cpu"], capsys)
-        assert seen == [dtype]
+        assert seen == [dtype] and asked == ["generate"]
 
 
 def test_merge_writes_float32_by_default(tiny_model_dir, adapter, tmp_path):

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_sampling_args(args)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args)
+    model, tokenizer = load_model(args, workload="generate")
     chat_ids(tokenizer, [{"role": "user", "content": "hi"}])  # fail early without a chat template
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []

@@ -141,13 +141,14 @@ def load_model_checked(name: str, **kw: Any) -> tuple[Any, Any]:
                              f"tokenizer files)") from None
 
 
-def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+def load_model(args: argparse.Namespace, workload: str = "train") -> tuple[Any, Any]:
     """(model, tokenizer) from --model / --adapter; the model is in eval mode on the chosen device. An adapter
-    folder's chat template (``chat_template.jinja``, written by training) replaces the base model's."""
+    folder's chat template (``chat_template.jinja``, written by training) replaces the base model's.
+    ``workload``: "generate" for commands that decode a token at a time (precision auto measures that)."""
     name = check_model_inputs(args)
     adapter = getattr(args, "adapter", None)
     device = pick_device(args.device)
-    model, tokenizer = load_model_checked(name, dtype=load_dtype(args, name, device), device=device,
+    model, tokenizer = load_model_checked(name, dtype=load_dtype(args, name, device, workload), device=device,
                                           trust_remote_code=args.trust_remote_code)
     if adapter:
         from lorakit import LoraModel
@@ -162,9 +163,9 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def load_dtype(args: argparse.Namespace, name: str, device: str) -> Any:
-    """The dtype to load ``name`` in: --dtype when given, else --precision's choice (announced on stderr, once).
-    Commands without --precision (merge) load in --dtype."""
+def load_dtype(args: argparse.Namespace, name: str, device: str, workload: str = "train") -> Any:
+    """The dtype to load ``name`` in: --dtype when given, else --precision's choice for ``workload`` (announced
+    on stderr, once). Commands without --precision (merge) load in --dtype."""
     if not hasattr(args, "precision"):
         return args.dtype
     import sys
@@ -173,7 +174,7 @@ def load_dtype(args: argparse.Namespace, name: str, device: str) -> Any:
     from lorakit.precision import announce
 
     choice = precision_for(name, check_precision_option(args.precision or "auto"), device, dtype=args.dtype,
-                           trust_remote_code=args.trust_remote_code, dtype_source="--dtype")
+                           trust_remote_code=args.trust_remote_code, dtype_source="--dtype", workload=workload)
     announce(choice, lambda line: print(line, file=sys.stderr))
     return choice.dtype
 

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.cli.common import generate_text, load_model
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args)
+    model, tokenizer = load_model(args, workload="generate")
     for i, prompt in enumerate(prompts):
         if args.chat:
             from lorakit.cli.chat_cmd import chat_ids

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         from lorakit.cli.common import load_dtype, load_model_checked, pick_device
 
         device = pick_device(args.device)
-        return load_model_checked(args.model, dtype=load_dtype(args, args.model, device), device=device,
+        return load_model_checked(args.model, dtype=load_dtype(args, args.model, device, "generate"), device=device,
                                   trust_remote_code=args.trust_remote_code)
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")

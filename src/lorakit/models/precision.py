@@ -43,10 +43,10 @@ def dtype_choice(dtype: Any, setting: str, why: str):
 
 def precision_for(name_or_path: str, setting: Any = "auto", device: Any = "cpu", *, dtype: Any = None,
                   trust_remote_code: bool = False, dtype_source: str = "model.dtype",
-                  measure: Optional[Callable] = None):
+                  measure: Optional[Callable] = None, workload: str = "train"):
     """The PrecisionChoice for loading ``name_or_path`` on ``device``: ``dtype`` (not None / "auto") wins as an
     explicit override; else ``setting`` (auto | fp32 | bf16) through ``precision.choose_precision`` at the
-    model's shapes. ``measure``: replaces the measurement (tests)."""
+    model's shapes for ``workload`` ("train" | "generate"). ``measure``: replaces the measurement (tests)."""
     from lorakit.precision import choose_precision, normalize_precision
 
     setting = normalize_precision(setting)
@@ -57,7 +57,7 @@ def precision_for(name_or_path: str, setting: Any = "auto", device: Any = "cpu",
             return chosen
         return dtype_choice(dtype, setting, f"{why}, overriding precision {setting}")
     shapes = config_shapes(name_or_path, trust_remote_code) if setting == "auto" else None
-    return choose_precision(setting, device, shapes, measure=measure)
+    return choose_precision(setting, device, shapes, measure=measure, workload=workload)
 
 
 def check_precision_option(value: Any, option: str = "--precision") -> str:
