@@ -281,6 +281,31 @@ def graph_nodes(t) -> list[str]:
     return [type(fn).__name__ for fn in seen]
 
 
+def train_step(model, batch, seed: int = 0) -> tuple:
+    """One causal-LM training step's (loss, {name: gradient}, autograd node names) on ``batch`` (inputs = labels)."""
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=batch, labels=batch).loss
+    nodes = graph_nodes(loss)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, nodes
+
+
+def spy_model_loads(monkeypatch) -> list:
+    """The dtypes ``lorakit.models.load_model_and_tokenizer`` is asked for from now on in the test, in order."""
+    import lorakit.models
+
+    dtypes = []
+    real = lorakit.models.load_model_and_tokenizer
+
+    def spy(name, **kw):
+        dtypes.append(kw["dtype"])
+        return real(name, **kw)
+
+    monkeypatch.setattr(lorakit.models, "load_model_and_tokenizer", spy)
+    return dtypes
+
+
 def freeze_all_but_one_layer(model) -> None:
     """Stand-in for LoRA: only the first layer's attention projections train."""
     for name, p in model.named_parameters():

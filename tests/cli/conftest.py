@@ -4,20 +4,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, embedded_model_dir):
-    """A randomly initialised 2-layer Llama over the embedded model's tokenizer, saved like a real model."""
-    from transformers import AutoTokenizer
-
-    from tiny import tokenizer_llama
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
-    out = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer_llama(tok, tie=True).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 # ---------------------------------------------------------------- helpers for the CLI error tests
 
 

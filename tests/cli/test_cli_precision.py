@@ -50,16 +50,9 @@ def test_bad_precision_values_are_one_line_before_any_load(argv, needle, tiny_mo
 
 def loaded_dtype(monkeypatch, argv, capsys):
     """Run a command with the model load spied on: (the dtype it loaded in, stderr)."""
-    import lorakit.models
+    from tiny import spy_model_loads
 
-    seen = []
-    real = lorakit.models.load_model_and_tokenizer
-
-    def spy(name, **kw):
-        seen.append(kw["dtype"])
-        return real(name, **kw)
-
-    monkeypatch.setattr(lorakit.models, "load_model_and_tokenizer", spy)
+    seen = spy_model_loads(monkeypatch)
     assert main(argv) == 0
     return seen, capsys.readouterr().err
 

@@ -16,7 +16,7 @@ from lorakit.kernels.siblings import sibling_linear
 from lorakit.layers import linear as linear_mod
 from lorakit.layers.base import add_delta
 from lorakit.layers.linear import lora_linear_delta
-from tiny import graph_nodes, ids, randomize_lora, single_thread, tiny_llama  # noqa: F401
+from tiny import ids, randomize_lora, single_thread, tiny_llama, train_step  # noqa: F401
 
 BF16 = torch.bfloat16
 # bfloat16 keeps 8 bits: one rounding is within 2**-8 of a value; the kernels' outputs and gradients take a
@@ -205,31 +205,22 @@ def _model(dropout=0.0, dora=False, seed=0):
     return m.train()
 
 
-def _step(model, batch, seed=0):
-    torch.manual_seed(seed)
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=batch, labels=batch).loss
-    nodes = graph_nodes(loss)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, nodes
-
-
 def test_a_bfloat16_llama_trains_through_the_kernels_as_through_the_reference():
     """One training step, kernels on (the sibling kernel for q/k/v and gate/up, learned by the fused loss's
     check) and off (the reference path and the model's own loss): the loss within bfloat16 rounding, every
     LoRA gradient float32 and about as close to the float32 model's as the reference's are."""
     batch = ids(3, 9)
     m = _model()
-    loss, grads, nodes = _step(m, batch)
+    loss, grads, nodes = train_step(m, batch)
     with kernels.enabled_as(False):
-        ref_loss, ref_grads, ref_nodes = _step(m, batch)
+        ref_loss, ref_grads, ref_nodes = train_step(m, batch)
     assert nodes.count("_SiblingLinearBackward") == 8 and "_SiblingLinearBackward" not in ref_nodes
     torch.testing.assert_close(loss, ref_loss, rtol=2 * ROUND, atol=1e-3)
     # the same adapters over the same (bfloat16-rounded) base, all in float32
     exact = get_peft_model(tiny_llama(0).to(BF16).float(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     exact.load_state_dict(m.state_dict())
     with kernels.enabled_as(False):
-        _, exact_grads, _ = _step(exact.train(), batch)
+        _, exact_grads, _ = train_step(exact.train(), batch)
     assert grads.keys() == ref_grads.keys() == exact_grads.keys() and len(grads) == 2 * 7 * 2
     # each gradient ~1% off the float32 model's, kernels or not (bfloat16's rounding through the body's
     # backward); taken together, the kernels' as close as the reference's
@@ -247,11 +238,11 @@ def test_a_bfloat16_llama_with_dropout_fused_and_per_module_agree(monkeypatch):
     the per-module branch kernel give one loss and the same float32 gradients to bfloat16 rounding."""
     batch = ids(3, 9)
     m = _model(dropout=0.1)
-    _step(m, batch, 0)  # groups learned
-    loss, grads, nodes = _step(m, batch, 1)
+    train_step(m, batch, 0)  # groups learned
+    loss, grads, nodes = train_step(m, batch, 1)
     with monkeypatch.context() as patch:
         patch.setattr(fusion, "fused_forward", lambda layer, x: None)
-        alone, alone_grads, alone_nodes = _step(m, batch, 1)
+        alone, alone_grads, alone_nodes = train_step(m, batch, 1)
     assert nodes.count("_SiblingLinearBackward") == 8 and alone_nodes.count("_AddBranchBackward") == 14
     torch.testing.assert_close(loss, alone, rtol=ROUND, atol=1e-3)
     for n in grads:
@@ -261,7 +252,7 @@ def test_a_bfloat16_llama_with_dropout_fused_and_per_module_agree(monkeypatch):
 def test_bfloat16_dora_adapters_take_the_reference():
     batch = ids(2, 6)
     m = _model(dora=True)
-    loss, grads, nodes = _step(m, batch)
+    loss, grads, nodes = train_step(m, batch)
     assert not {"_SiblingLinearBackward", "_AddBranchBackward"} & set(nodes)
     with kernels.enabled_as(False):
         with torch.no_grad():

@@ -7,7 +7,7 @@ from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.kernels import guards, linear_cross_entropy
-from tiny import graph_nodes, ids, randomize_lora, tiny_llama
+from tiny import ids, randomize_lora, tiny_llama, train_step
 
 
 @pytest.fixture(autouse=True)
@@ -19,15 +19,6 @@ def _model(dropout=0.1):
     m = get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
     randomize_lora(m)
     return m.train()
-
-
-def _step(m, batch, seed=0):
-    torch.manual_seed(seed)
-    m.zero_grad(set_to_none=True)
-    loss = m(input_ids=batch, labels=batch).loss
-    names = graph_nodes(loss)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, names
 
 
 def _same(a, b):
@@ -47,12 +38,12 @@ def test_lookups_return_none_for_names_this_torch_lacks(monkeypatch):
 def test_without_the_saved_tensor_hooks_query_the_sibling_kernel_stays_off(monkeypatch, caplog):
     batch = ids(3, 9)
     m = _model()
-    _step(m, batch)  # learns the groups
-    fused = _step(m, batch, seed=1)
+    train_step(m, batch)  # learns the groups
+    fused = train_step(m, batch, seed=1)
     assert fused[2].count("_SiblingLinearBackward") == 8  # q/k/v, gate/up, o, down in each of two layers
     monkeypatch.setattr(guards, "_TOP_HOOKS", None)
     with caplog.at_level(logging.WARNING, logger="lorakit.kernels"):
-        alone = _step(m, batch, seed=1)
+        alone = train_step(m, batch, seed=1)
     assert "_SiblingLinearBackward" not in alone[2] and "_AddBranchBackward" in alone[2]
     assert caplog.text.count("_top_saved_tensors_default_hooks") == 1  # once, however many calls
     _same(fused, alone)  # the same masks through the per-module kernel: the same numbers
@@ -61,11 +52,11 @@ def test_without_the_saved_tensor_hooks_query_the_sibling_kernel_stays_off(monke
 def test_without_the_global_hooks_table_every_layer_takes_the_reference(monkeypatch, caplog):
     batch = ids(3, 9)
     m = _model(dropout=0.0)
-    _step(m, batch)
-    fused = _step(m, batch, seed=1)
+    train_step(m, batch)
+    fused = train_step(m, batch, seed=1)
     monkeypatch.setattr(guards, "_GLOBAL_HOOKS", None)
     with caplog.at_level(logging.WARNING, logger="lorakit.kernels"):
-        plain = _step(m, batch, seed=1)
+        plain = train_step(m, batch, seed=1)
     assert not {"_SiblingLinearBackward", "_AddBranchBackward"} & set(plain[2])
     assert "_global_forward_hooks" in caplog.text
     _same(fused, plain)
@@ -127,10 +118,10 @@ def test_without_tensor_versions_nothing_cached_per_input_is_reused(monkeypatch)
     batch = ids(3, 9)
     m = _model(dropout=0.0)
     monkeypatch.setattr(guards, "_HAS_VERSION", True)
-    _step(m, batch)
-    with_versions = _step(m, batch, seed=1)
+    train_step(m, batch)
+    with_versions = train_step(m, batch, seed=1)
     monkeypatch.setattr(guards, "_HAS_VERSION", False)
-    without = _step(m, batch, seed=1)
+    without = train_step(m, batch, seed=1)
     assert "_SiblingLinearBackward" in without[2]  # each layer alone (no group can be verified), same numbers
     _same(with_versions, without)
 

@@ -12,22 +12,16 @@ from lorakit.errors import TrainingError
 from lorakit.train import load_recipe
 from lorakit.train.run import prepare, train
 from lorakit.train.state import list_checkpoints
-from tiny import instantiate, single_thread, tokenizer_llama  # noqa: F401
+from tiny import instantiate, single_thread  # noqa: F401
 
 AMX = "model name\t: Test Xeon with AMX {n}\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16\n"
 NO_BF16 = "model name\t: Test CPU without bf16\nflags\t\t: fpu avx2 fma\n"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, embedded_model_dir):
-    """A 2-layer Llama over the embedded model's tokenizer (head tied), saved like a real model."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
-    out = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer_llama(tok, tie=True).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+@pytest.fixture
+def model_dir(tiny_model_dir):
+    """A 2-layer Llama over the embedded model's tokenizer (head tied), saved like a real model (tests/conftest.py)."""
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +127,9 @@ def test_trained_biases_and_modules_to_save_under_bf16(biased_dir, tmp_path):
 
 
 def test_the_base_is_loaded_once_straight_in_the_chosen_dtype(model_dir, tmp_path, monkeypatch):
-    import lorakit.models
+    from tiny import spy_model_loads
 
-    calls = []
-    real = lorakit.models.load_model_and_tokenizer
-
-    def spy(name, **kw):
-        calls.append(kw["dtype"])
-        return real(name, **kw)
-
-    monkeypatch.setattr(lorakit.models, "load_model_and_tokenizer", spy)
+    calls = spy_model_loads(monkeypatch)
     prepare(recipe(model_dir, tmp_path, "train.precision=bf16"), print_fn=lambda s: None)
     assert calls == [torch.bfloat16]  # never a float32 copy first
 
