@@ -8,8 +8,10 @@ CPU linears) run the same products faster where MKL takes a generic path, as on 
 Same float32 arithmetic (another summation order: results agree with MKL's to float32 rounding).
 The op is private to torch (``guards.onednn_linear``): it is checked once per process against
 ``F.linear`` before first use, and when it is missing, fails or disagrees, torch's F.linear / addmm
-run instead (logged once). Used only for float32 CPU tensors and frozen weights, inside lorakit's
-training forward (``frozen_linears``, when ``dispatch`` chooses it) and its CPU kernels.
+run instead (logged once). The products take float32 or bfloat16 (each dtype checked on its own); the
+frozen products of training use it for float32 only (``FROZEN_DTYPES``: torch's own bf16 matmul was as fast
+or faster on a whole step), inside lorakit's training forward (``frozen_linears``, when ``dispatch`` chooses
+it) and its CPU kernels; the fused head uses it for both.
 """
 from __future__ import annotations
 
