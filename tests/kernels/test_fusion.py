@@ -176,3 +176,27 @@ def test_copies_start_without_groups_and_train_alike():
     torch.testing.assert_close(la, lc)
     for n in ga:
         torch.testing.assert_close(ga[n], gc[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outputs_may_be_modified_in_place_through_a_view(dtype):
+    """DeBERTa divides a permuted view of a LoRA linear's output in place (``pos_query_layer /= ...``): the
+    kernels' outputs are tensors of their own, so autograd allows it and the gradients are the reference's."""
+    import warnings
+
+    from lorakit.precision import PrecisionChoice, apply_precision
+    from tiny import batch_for, build
+
+    warnings.simplefilter("ignore")
+    m = get_peft_model(build("deberta"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_lora(m)
+    apply_precision(m, PrecisionChoice("p", dtype, "test", "test"))
+    m.train()
+    grads = []
+    for on in (True, False):
+        m.zero_grad(set_to_none=True)
+        with kernels.enabled_as(on):
+            m(**batch_for("deberta")).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert (grads[0] - grads[1]).norm() <= tol * grads[1].norm()

@@ -53,7 +53,9 @@ class _SiblingLinear(torch.autograd.Function):
                 h.mul_(factors[k])
             y = base_linear(x2, Ws[k], bs[k]) if onednn else F.linear(x2, Ws[k], bs[k])
             y.addmm_(h, Bts[k])
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            # in x's shape as a tensor of its own (detach: not a view made in here), which the model may then
+            # modify in place through a view (DeBERTa's pos_query_layer /= ...); autograd forbids that of a view
+            outs.append(y.view(*x.shape[:-1], y.shape[-1]).detach())
             hs.append(h)
         ctx.n, ctx.factors, ctx.x_shape = n, factors, x.shape
         ctx.set_materialize_grads(False)  # an output nobody reads: its sibling gets no gradient (None), as unfused
