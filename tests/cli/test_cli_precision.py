@@ -116,3 +116,18 @@ def test_merge_writes_float32_by_default(tiny_model_dir, adapter, tmp_path):
 
     assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0
     assert {v.dtype for v in load_file(str(tmp_path / "m" / "model.safetensors")).values()} == {torch.float32}
+
+
+def test_inspect_estimates_memory_at_the_precision(tiny_model_dir, capsys):
+    """The dry run's base-weight memory is the base as training would load it: bf16 half of fp32's."""
+    import re
+
+    sizes = {}
+    for p in ("fp32", "bf16"):
+        assert main(["inspect", "--model", str(tiny_model_dir), "--precision", p]) == 0
+        out = capsys.readouterr().out
+        value, unit = re.search(r"base_weights ([\d.]+) (\w+)", out).groups()
+        sizes[p] = float(value) * {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}[unit]
+    assert abs(sizes["bf16"] / sizes["fp32"] - 0.5) < 0.01
+    err = err_of(["inspect", "--model", str(tiny_model_dir), "--precision", "fp8"], capsys)
+    assert "unknown precision 'fp8'" in err

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", choices=("llama.cpp", "vllm", "ollama"),
                    help="with ADAPTER_DIR: what that runtime would refuse or compute differently from lorakit "
                         "(exit status 1 when it refuses the adapter); --model names the base if not the adapter's.")
+    p.add_argument("--precision", default=None, metavar="auto|fp32|bf16",
+                   help="dry run: the training precision whose memory to estimate (default auto: what `lorakit "
+                        "train` would choose here); the base is loaded in it.")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub.")
 
 
@@ -124,9 +127,13 @@ def run(args: argparse.Namespace) -> int:
     if r < 1:
         raise ConfigError(f"--r must be >= 1, got {r}")
     from lorakit import LoraConfig, TaskType, dry_run
-    from lorakit.cli.common import load_model_checked
+    from lorakit.cli.common import load_dtype, load_model_checked
+    from lorakit.models.precision import check_precision_option
 
-    model, _ = load_model_checked(args.model, trust_remote_code=args.trust_remote_code)
+    args.precision = check_precision_option(args.precision or "auto")
+    args.dtype = None
+    model, _ = load_model_checked(args.model, dtype=load_dtype(args, args.model, "cpu"),
+                                  trust_remote_code=args.trust_remote_code)
     targets = args.targets
     if targets and len(targets) == 1 and (targets[0] == "all-linear" or any(c in targets[0] for c in "*^$|")):
         targets = targets[0]
