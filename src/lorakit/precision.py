@@ -32,12 +32,15 @@ from .io import atomic_write_json
 from .kernels import onednn
 
 __all__ = ["PRECISIONS", "PrecisionChoice", "announce", "apply_precision", "choose_precision", "cpu_facts",
-           "measure_products", "normalize_precision", "shapes_of"]
+           "measure_products", "normalize_precision", "precision_name", "shapes_of", "PRECISION_DTYPES"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _ALIASES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "float": "fp32", "32": "fp32",
             "bf16": "bf16", "bfloat16": "bf16"}
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: each precision's dtype; fp16 only where a dtype asks for it (model.dtype, --dtype): auto never picks it
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: the two auto measures and chooses between
+_DTYPES = {name: PRECISION_DTYPES[name] for name in ("fp32", "bf16")}
 #: bf16 is chosen when its products are at least this much faster: the rest of a step (norms, softmax,
 #: casts) gains less than the products, and a tie is not worth the rounding
 MIN_SPEEDUP = 1.15
@@ -59,6 +62,11 @@ class PrecisionChoice:
 
     def describe(self) -> str:
         return f"precision: {self.name} ({self.setting}: {self.reason})"
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """The precision a dtype computes in ("fp32" | "bf16" | "fp16"; another dtype: its own name)."""
+    return next((name for name, d in PRECISION_DTYPES.items() if d is dtype), str(dtype).removeprefix("torch."))
 
 
 def normalize_precision(setting: Any) -> str:

@@ -33,15 +33,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import guards
+from .dispatch import adapter_fits
 from .dropout import SharedDropout
 
-__all__ = ["adapter_fits", "branch_add", "generation_add", "lora_add", "lora_delta", "low", "low_t", "wide"]
-
-
-def adapter_fits(dtype: torch.dtype, weight: torch.Tensor) -> bool:
-    """Can a kernel computing in ``dtype`` read adapter ``weight``: the same dtype, or float32 under bfloat16
-    (read as bfloat16; ``kernels.dispatch.call_dtype`` sends such calls here)."""
-    return weight.dtype is dtype or (dtype is torch.bfloat16 and weight.dtype is torch.float32)
+__all__ = ["branch_add", "generation_add", "lora_add", "lora_delta", "low", "low_t", "wide"]
 
 
 def low(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

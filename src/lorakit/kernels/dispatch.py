@@ -34,7 +34,7 @@ from . import guards, onednn
 from .switch import STATE
 
 __all__ = ["Choice", "Facts", "TABLE", "choose", "decide", "dropout_route", "head_route", "learning",
-           "linear_route", "loss_facts", "table", "call_dtype"]
+           "linear_route", "loss_facts", "table", "adapter_fits", "call_dtype"]
 
 # routes of a LoRA linear
 REFERENCE = "reference"  # base(x) + scale * B(A(dropout(x))) in plain torch (lorakit.layers)
@@ -144,14 +144,16 @@ def _dtype_name(dtype) -> str:
     return "mixed" if dtype is None else str(dtype).removeprefix("torch.")
 
 
+def adapter_fits(dtype: torch.dtype, weight: torch.Tensor) -> bool:
+    """Can a kernel computing in ``dtype`` read adapter ``weight``: the same dtype, or float32 under bfloat16
+    (train.precision bf16: read as bfloat16 inside the kernel, its gradient float32)."""
+    return weight.dtype is dtype or (dtype is torch.bfloat16 and weight.dtype is torch.float32)
+
+
 def call_dtype(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor) -> torch.dtype | None:
     """The dtype a LoRA linear call computes in: the input's when the base weight has it and the adapter
-    has it too or is float32 over a bfloat16 base (train.precision bf16); None ("mixed") otherwise."""
-    if W.dtype is not x.dtype:
-        return None
-    if A.dtype is x.dtype or (x.dtype is torch.bfloat16 and A.dtype is torch.float32):
-        return x.dtype
-    return None
+    fits it (``adapter_fits``); None ("mixed") otherwise."""
+    return x.dtype if W.dtype is x.dtype and adapter_fits(x.dtype, A) else None
 
 
 # key of the gathered facts -> route; LoRA linears are called hundreds of times per forward, so the

@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from . import guards
-from .branch import adapter_fits
-from .dispatch import learning
+from .dispatch import adapter_fits, learning
 from .dropout import SharedDropout
 from .siblings import sibling_linear
 

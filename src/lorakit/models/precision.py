@@ -12,10 +12,6 @@ from typing import Any, Callable, Optional
 
 from lorakit.errors import ConfigError
 
-#: a precision's name for each dtype a model can be loaded in
-DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
 def config_shapes(name_or_path: str, trust_remote_code: bool = False) -> Optional[list[tuple[int, int]]]:
     """The linears' shapes from the model's config (``precision.shapes_of``), read without its weights; None
     when the config cannot be read here (the load reports that; auto then measures generic shapes)."""
@@ -34,11 +30,10 @@ def config_shapes(name_or_path: str, trust_remote_code: bool = False) -> Optiona
 def dtype_choice(dtype: Any, setting: str, why: str):
     """A PrecisionChoice for an explicitly given dtype (``why`` says who gave it)."""
     from lorakit.models.embedded import resolve_dtype
-    from lorakit.precision import PrecisionChoice
+    from lorakit.precision import PrecisionChoice, precision_name
 
     torch_dtype = resolve_dtype(dtype)
-    key = str(torch_dtype).removeprefix("torch.")
-    return PrecisionChoice(DTYPE_NAMES.get(key, key), torch_dtype, setting, why)
+    return PrecisionChoice(precision_name(torch_dtype), torch_dtype, setting, why)
 
 
 def precision_for(name_or_path: str, setting: Any = "auto", device: Any = "cpu", *, dtype: Any = None,
@@ -76,15 +71,17 @@ def model_precision(model: Any) -> str:
     of its frozen floating-point weights ("fp32" | "bf16" | "fp16"); "fp32" when it has none."""
     import torch
 
+    from lorakit.precision import precision_name
+
     quant = getattr(getattr(model, "config", None), "quantization_config", None)
     compute = getattr(quant, "bnb_4bit_compute_dtype", None) if quant is not None else None
     if isinstance(quant, dict):
         compute = quant.get("bnb_4bit_compute_dtype")
     if compute is not None:
-        key = str(compute).removeprefix("torch.")
-        return DTYPE_NAMES.get(key, key)
+        name = str(compute).removeprefix("torch.")  # a dtype, or its name in a config dict
+        dtype = getattr(torch, name, None)
+        return precision_name(dtype) if isinstance(dtype, torch.dtype) else name
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point():
-            key = str(p.dtype).removeprefix("torch.")
-            return DTYPE_NAMES.get(key, key)
-    return "fp32" if torch.get_default_dtype() == torch.float32 else str(torch.get_default_dtype())
+            return precision_name(p.dtype)
+    return precision_name(torch.get_default_dtype())

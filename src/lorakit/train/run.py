@@ -77,7 +77,7 @@ def prepare(cfg: TrainConfig, *, with_lora: bool = True, print_fn: Callable[[str
 
     from lorakit.data import Collator, tokenize_records
     from lorakit.data.selection import make_template, recipe_records
-    from lorakit.precision import announce, apply_precision
+    from lorakit.precision import announce
     from lorakit.train.run_precision import resolve_precision
 
     train_records, eval_records, labels = recipe_records(cfg.data, cfg.train.seed, need_labels=cfg.wants_accuracy,
@@ -98,8 +98,6 @@ def prepare(cfg: TrainConfig, *, with_lora: bool = True, print_fn: Callable[[str
 
         torch.manual_seed(cfg.train.seed)  # the LoRA A init
         model = get_peft_model(model, lora_config(cfg))
-    if not cfg.model.load_in_4bit:  # 4-bit: the kbit preparation keeps the non-quantized weights float32
-        apply_precision(model, precision)  # the adapters float32 over the loaded base (a no-op but for that)
     return Setup(cfg=cfg, model=model, tokenizer=tokenizer, template=template, train_records=train_records,
                  eval_records=eval_records, label_names=labels, train_data=train_data, eval_data=eval_data,
                  collator=Collator(tokenizer.pad_token_id), notes=notes, precision=precision)

@@ -23,11 +23,8 @@ import torch
 
 from lorakit.errors import TrainingError
 from lorakit.models.precision import model_precision, precision_for
-from lorakit.precision import PrecisionChoice, apply_precision, choose_precision, shapes_of
+from lorakit.precision import PRECISION_DTYPES, PrecisionChoice, apply_precision, choose_precision, shapes_of
 from lorakit.train.config import TrainConfig
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def run_device(cfg: TrainConfig) -> str:
     """The device type a run of ``cfg`` trains on (as its Accelerator picks it)."""
@@ -49,8 +46,8 @@ def resolve_precision(cfg: TrainConfig, *, checkpoint: Optional[str] = None, mea
     """The precision ``train()`` loads the base in; ``checkpoint``: the precision of the checkpoint the run
     resumes. ``measure``: replaces auto's measurement (tests)."""
     tc, dtype = cfg.train, cfg.model.dtype
-    if tc.precision == "auto" and dtype == "auto" and checkpoint in _DTYPES:
-        return PrecisionChoice(checkpoint, _DTYPES[checkpoint], "auto",
+    if tc.precision == "auto" and dtype == "auto" and checkpoint in PRECISION_DTYPES:
+        return PrecisionChoice(checkpoint, PRECISION_DTYPES[checkpoint], "auto",
                                "the precision of the checkpoint this run resumes (chosen when the run started)")
     if tc.precision == "auto" and dtype == "auto" and tc.mixed_precision != "no":
         choice = PrecisionChoice("fp32", torch.float32, "auto",
@@ -82,7 +79,7 @@ def for_model(model: torch.nn.Module, cfg: TrainConfig, given: Optional[Precisio
         if current != choice.name:
             apply_precision(model, choice)
         return choice
-    return PrecisionChoice(current, _DTYPES.get(current, torch.float32), cfg.train.precision,
+    return PrecisionChoice(current, PRECISION_DTYPES.get(current, torch.float32), cfg.train.precision,
                            "the model's own dtype (a model given to train_loop is trained as it is under auto)")
 
 
