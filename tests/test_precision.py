@@ -180,3 +180,19 @@ def test_generation_is_measured_as_generation_and_cached_apart(tmp_path):
 def test_the_real_one_token_measurement_times_both_dtypes():
     seconds = measure_products([(32, 48)], rounds=2, workload="generate")
     assert set(seconds) == {"fp32", "bf16"} and all(v > 0 for v in seconds.values())
+
+
+def test_apply_precision_keeps_what_transformers_keeps_float32():
+    """T5 keeps its ``wo`` projections float32 in a half-precision model (``_keep_in_fp32_modules``); so does
+    apply_precision, and the bf16 model still runs."""
+    from tiny import batch_for, build
+
+    model = lorakit.get_peft_model(build("t5"), lorakit.LoraConfig(r=4, target_modules=["q", "v", "wo"],
+                                                                   task_type="SEQ_2_SEQ_LM"))
+    assert "wo" in (type(model.model)._keep_in_fp32_modules or [])
+    apply_precision(model, PrecisionChoice("bf16", torch.bfloat16, "bf16", "test"))
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if ".wo." in n)
+    assert any(d == torch.bfloat16 for n, d in dtypes.items() if ".q." in n and "lora_" not in n)
+    model.train()
+    assert torch.isfinite(model(**batch_for("t5")).loss)

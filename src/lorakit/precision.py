@@ -324,14 +324,26 @@ def _adapter_parameters(model: nn.Module) -> set[int]:
     return keep
 
 
+def _kept_float32(model: nn.Module) -> set[int]:
+    """ids of the parameters transformers keeps float32 in a half-precision model (a class's
+    ``_keep_in_fp32_modules``, e.g. T5's ``wo``: matched by module name, as transformers matches them)."""
+    keep: set[int] = set()
+    for module in model.modules():
+        names = getattr(module, "_keep_in_fp32_modules", None) or ()
+        if names and not isinstance(names, str):
+            keep.update(id(p) for n, p in module.named_parameters() if any(k in n.split(".") for k in names))
+    return keep
+
+
 def apply_precision(model: nn.Module, choice: PrecisionChoice | str) -> nn.Module:
     """``model`` in ``choice``'s arithmetic, in place: every floating-point parameter in its dtype except
     the LoRA adapters' own (float32 in bf16: their gradients and optimizer state with them), as if the base
-    had been loaded in that dtype before adding the adapters. Buffers keep theirs (rotary frequencies stay
+    had been loaded in that dtype before adding the adapters (modules transformers keeps float32 in a
+    half-precision model stay float32, as ``from_pretrained`` keeps them). Buffers keep theirs (rotary frequencies stay
     float32, as transformers keeps them). Quantized (4/8-bit) weights are left as they are."""
     if isinstance(choice, str):
         choice = choose_precision(choice, next((p.device for p in model.parameters()), "cpu"), shapes_of(model))
-    keep = _adapter_parameters(model)
+    keep = _adapter_parameters(model) | (_kept_float32(model) if choice.dtype is not torch.float32 else set())
     for param in model.parameters():
         if not param.is_floating_point():
             continue  # quantized storage (bitsandbytes keeps 4-bit weights in uint8)
